@@ -1,0 +1,63 @@
+"""PyTorch pickles (.ckpt / .pt / .pth / .bin), read with ``torch.load(weights_only=True)`` only.
+
+A pickle that needs to run code to load is refused, never executed. Weights nested under ``state_dict`` (Lightning
+checkpoints) are unwrapped; other top-level objects (``global_step``, optimizer state, ...) are reported."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from unetkit.errors import FormatError
+from unetkit.formats.base import Checkpoint, TensorEntry
+
+NESTED_KEYS = ("state_dict", "model", "module")
+
+
+def read_pickle(path: Path) -> Checkpoint:
+    path = Path(path)
+    mmap = zipfile.is_zipfile(path)  # torch can memory-map only the zip format (torch >= 1.6 files)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FormatError(
+            f"{path}: refused: this pickle needs to run code to load ({first}). unetkit loads pickles with "
+            "torch.load(weights_only=True) and never executes pickled code. Use a .safetensors release of this "
+            "model, or re-save the weights as a plain state dict where you trust the file."
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise FormatError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    non_tensors: dict[str, str] = {}
+    for _ in range(3):  # unwrap nesting such as {"state_dict": {...}, "global_step": 10}
+        if not isinstance(obj, dict):
+            break
+        nested = next((k for k in NESTED_KEYS if isinstance(obj.get(k), dict) and _has_tensors(obj[k])), None)
+        if nested is None or any(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        for k, v in obj.items():
+            if k != nested:
+                non_tensors[k] = f"top-level {type(v).__name__} beside '{nested}'"
+        obj = obj[nested]
+    if not isinstance(obj, dict):
+        raise FormatError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    entries = {}
+    for name, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            entries[name] = TensorEntry(
+                name=name, shape=tuple(value.shape), dtype=value.dtype, loader=_const(value), nbytes=value.nbytes
+            )
+        else:
+            non_tensors[str(name)] = f"non-tensor {type(value).__name__}"
+    return Checkpoint(path=path, format="pickle", entries=entries, files=(path,), non_tensors=non_tensors)
+
+
+def _has_tensors(d: dict) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in d.values())
+
+
+def _const(t: torch.Tensor):
+    return lambda: t

@@ -1,0 +1,210 @@
+"""safetensors: a header parsed and validated here (so errors name the tensor and byte ranges are known for
+byte copies), tensors read through the safetensors library's memory-mapped ``safe_open``, and a streaming
+writer that never holds more than one tensor in memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from unetkit.errors import FormatError
+from unetkit.formats.base import Checkpoint, TensorEntry
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+ALIGN = 64
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """Return (header length, parsed header) after checking that every tensor lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)")
+        (hlen,) = struct.unpack("<Q", head)
+        if hlen > MAX_HEADER or 8 + hlen > size:
+            raise FormatError(
+                f"{path}: header length {hlen} does not fit a {size}-byte file: not a safetensors file, or truncated"
+            )
+        raw = f.read(hlen)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: the safetensors header is not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    data_size = size - 8 - hlen
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
+        expected = itemsize(dtype) * _prod(shape)
+        if end - begin != expected:
+            raise FormatError(
+                f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) needs {expected} bytes "
+                f"but its data_offsets span {end - begin}"
+            )
+        if end > data_size:
+            raise FormatError(
+                f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file holds only "
+                f"{data_size}: the file is truncated (download or export it again)"
+            )
+    return hlen, header
+
+
+def read_safetensors(path: Path) -> Checkpoint:
+    path = Path(path)
+    hlen, header = read_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # the library's own error type is not importable across versions
+        raise FormatError(f"{path}: safetensors could not open the file: {e}") from e
+    entries = {}
+    base = 8 + hlen
+    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        begin, end = info["data_offsets"]
+        entries[name] = TensorEntry(
+            name=name,
+            shape=tuple(info["shape"]),
+            dtype=DTYPES[info["dtype"]],
+            loader=_getter(handle, name),
+            file=path,
+            offset=base + begin,
+            nbytes=end - begin,
+        )
+    return Checkpoint(path=path, format="safetensors", entries=entries, metadata=dict(meta), files=(path,))
+
+
+def _getter(handle, name: str) -> Callable[[], torch.Tensor]:
+    return lambda: handle.get_tensor(name)
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class OutTensor:
+    """One tensor to write: either ``load`` (returns the final tensor) or a byte range ``(file, offset)``
+    whose bytes are already exactly the output bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor] | None = None
+    src_file: Path | None = None
+    src_offset: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return itemsize(self.dtype) * _prod(self.shape)
+
+
+def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    # Pad with spaces (valid JSON whitespace) so the data section starts 64-byte aligned: memory-mapped tensors
+    # then sit on 64-byte boundaries, and CPU kernels (oneDNN/MKL) give bit-identical results to tensors in
+    # freshly allocated memory. With 8-byte alignment, as other writers use, they differ in the last bits.
+    raw += b" " * (-(len(raw) + 8) % ALIGN)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def aligned_order(tensors: list[OutTensor]) -> list[OutTensor]:
+    """Tensors whose size is a multiple of ALIGN bytes first (original order kept), the rest after, so that every
+    tensor of the first group starts on an ALIGN-byte boundary in the file."""
+    return sorted(tensors, key=lambda t: t.nbytes % ALIGN != 0)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: list[OutTensor],
+    metadata: dict[str, str],
+    progress: Callable[[int], None] | None = None,
+    finalize_metadata: Callable[[], dict[str, str]] | None = None,
+) -> None:
+    """Stream ``tensors`` into ``path`` one at a time. Byte ranges are copied in the kernel
+    (``os.copy_file_range``) when possible. ``finalize_metadata`` (optional) is called after all data is
+    written and returns the final metadata, which must serialise to the same length as ``metadata``
+    (placeholders of fixed width, such as a sha256 computed while copying)."""
+    head = header_bytes(tensors, metadata)
+    with open(path, "wb") as out:
+        out.seek(len(head))
+        for t in tensors:
+            if t.src_file is not None:
+                _copy_range(t.src_file, t.src_offset or 0, t.nbytes, out)
+            else:
+                assert t.load is not None
+                tensor = t.load()
+                if tuple(tensor.shape) != tuple(t.shape) or tensor.dtype != t.dtype:
+                    raise FormatError(
+                        f"{path}: internal error writing {t.name!r}: got {tensor.dtype} {list(tensor.shape)}, "
+                        f"header says {t.dtype} {list(t.shape)}"
+                    )
+                tensor = tensor.detach().to("cpu").contiguous()
+                if tensor.numel():
+                    out.write(memoryview(tensor.view(torch.uint8).numpy()))
+            if progress:
+                progress(t.nbytes)
+        if finalize_metadata is not None:
+            final = header_bytes(tensors, finalize_metadata())
+            if len(final) != len(head):
+                raise FormatError(f"{path}: internal error: final header length changed")
+            head = final
+        out.seek(0)
+        out.write(head)
+
+
+def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
+    out.flush()
+    with open(src, "rb") as f:
+        fd_in, fd_out = f.fileno(), out.fileno()
+        pos_out = out.tell()
+        done = 0
+        use_kernel = hasattr(os, "copy_file_range")
+        while done < nbytes:
+            n = 0
+            if use_kernel:
+                try:
+                    n = os.copy_file_range(fd_in, fd_out, nbytes - done, offset + done, pos_out + done)
+                except OSError:
+                    use_kernel = False
+            if not use_kernel:
+                f.seek(offset + done)
+                chunk = f.read(min(64 << 20, nbytes - done))
+                out.seek(pos_out + done)
+                n = out.write(chunk)
+            if n <= 0:
+                raise FormatError(f"{src}: unexpected end of file while copying bytes {offset}..{offset + nbytes}")
+            done += n
+        out.seek(pos_out + nbytes)

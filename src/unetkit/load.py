@@ -1,0 +1,82 @@
+"""Any supported input -> a ready ``diffusers.UNet2DConditionModel``.
+
+The model is built on the meta device (no memory, no random init) and filled with
+``load_state_dict(strict=True, assign=True)`` after the key set and every shape have been checked, so a loaded
+UNet has no meta tensor left and never needs ``to_empty()`` (which would wipe the loaded weights)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unetkit.dtypes import parse_dtype, short
+from unetkit.errors import KeyMapError, list_some
+from unetkit.formats.safetensors_io import ALIGN
+from unetkit.resolve import UNetSource, open_unet
+from unetkit.spec import build_model
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+log = logging.getLogger(__name__)
+
+
+def default_dtype(source: UNetSource) -> torch.dtype:
+    """The floating dtype holding most of the parameters (fp32 for quantized or mixed files)."""
+    counts: Counter[torch.dtype] = Counter()
+    for entry in source.tensors.values():
+        if entry.qtype is None and entry.dtype.is_floating_point:
+            counts[entry.dtype] += entry.numel
+        else:
+            counts[torch.float32] += entry.numel
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def load_unet(
+    path: str | Path | UNetSource,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    ema: bool = False,
+    config: Mapping[str, Any] | str | Path | None = None,
+) -> UNet2DConditionModel:
+    """Load any SD1.x/2.x UNet file or folder that unetkit reads into a diffusers UNet, strictly.
+
+    ``dtype``: None keeps the file's floating dtype (the one most parameters have); 'fp32'/'fp16'/'bf16' or a
+    torch dtype converts. ``ema``: use the EMA weights of a full LDM checkpoint. ``config``: override the
+    inferred diffusers config (dict, config.json or its folder). Raises ``KeyMapError`` naming every missing,
+    unexpected or mis-shaped key; returns the model in eval mode.
+    """
+    source = path if isinstance(path, UNetSource) else open_unet(path, ema=ema, config=config)
+    target = parse_dtype(dtype) or default_dtype(source)
+    device = torch.device(device)
+    model = build_model(source.spec.config, device="meta")
+    state = {}
+    for name, entry in source.tensors.items():
+        t = entry.load()
+        if t.dtype != target and t.dtype.is_floating_point:
+            t = t.to(target)
+        if t.device != device:
+            t = t.to(device)
+        elif t.data_ptr() % ALIGN:
+            # Memory-mapped from a file whose data is not 64-byte aligned: copy into aligned memory, since CPU
+            # kernels give different last bits on misaligned weights (see formats/safetensors_io.py).
+            t = t.clone()
+        state[name] = t
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:  # open_unet checked this already; a second line of defence
+        raise KeyMapError(
+            f"{source.path}: load failed: missing {list_some(result.missing_keys)}; "
+            f"unexpected {list_some(result.unexpected_keys)}"
+        )
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise KeyMapError(f"{source.path}: {len(on_meta)} tensor(s) left on the meta device: {list_some(on_meta)}")
+    model.eval()
+    log.info("loaded %s (%s, %d tensors) as %s on %s", source.path, source.spec.variant, len(state), short(target), device)
+    return model

@@ -1,0 +1,195 @@
+"""From a path to a checked UNet: every tensor of the file mapped to its diffusers name or ignored with a reason.
+
+This is the one place where formats (bytes), the key map (names) and the spec (config) meet; ``convert``,
+``load_unet`` and ``inspect`` all start here, so all three see the same keys, the same errors and the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unetkit import formats
+from unetkit.errors import KeyMapError, ModelDetectionError, UnetkitError, list_some
+from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.keymap import KeyMap, Topology
+from unetkit.keymap.prefixes import EMA_PREFIX, dotless, split_keys
+from unetkit.spec import UNetSpec, clean_config, detect_layout, expected_shapes, family_of, infer_config, variant_of
+
+log = logging.getLogger(__name__)
+
+METADATA_CONFIG_KEY = "unetkit.config"
+
+
+@dataclass
+class UNetSource:
+    """A readable UNet: its tensors under diffusers names (in file order), the spec, and what was ignored."""
+
+    checkpoint: Checkpoint
+    spec: UNetSpec
+    keymap: KeyMap
+    tensors: dict[str, TensorEntry]  # diffusers name -> entry
+    ignored: dict[str, str]  # raw file key -> reason
+    prefix: str  # prefix the UNet keys had in the file
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    def ldm_name(self, diffusers_name: str) -> str:
+        name = self.keymap.to_ldm(diffusers_name)
+        assert name is not None  # every tensor came through the same map
+        return name
+
+
+def open_unet(
+    path: str | Path,
+    *,
+    ema: bool = False,
+    config: Mapping[str, Any] | str | Path | None = None,
+) -> UNetSource:
+    """Read ``path`` (any supported format) and check it is a complete SD1.x/2.x UNet.
+
+    ``ema``: take the EMA copy (``model_ema.*``) of a full LDM checkpoint instead of the live weights.
+    ``config``: a diffusers UNet config (dict or path to config.json) to use instead of the inferred one.
+    """
+    ckpt = formats.read(path)
+    where = f"{ckpt.path}: "
+    try:
+        return _resolve(ckpt, ema=ema, user_config=_load_config(config))
+    except UnetkitError as e:
+        if str(e).startswith(str(ckpt.path)):
+            raise
+        raise type(e)(where + str(e)) from e
+
+
+def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None) -> UNetSource:
+    split = split_keys(ckpt.entries)
+    layout = detect_layout(split.unet, all_keys=ckpt.entries)
+    names_topo = Topology.from_ldm_names(split.unet) if layout == "ldm" else Topology.from_diffusers_names(split.unet)
+    keymap = KeyMap.for_topology(names_topo)
+    ignored = {k: r for k, r in split.ignored.items()}
+    ignored.update({k: r for k, r in ckpt.non_tensors.items()})
+    raw_by_name = dict(split.unet)  # stripped name -> raw key
+
+    if ema:
+        if layout != "ldm" or not split.ema:
+            raise KeyMapError("ema=True, but the file has no LDM EMA weights (model_ema.diffusion_model*)")
+        by_dotless = {dotless(ldm): ldm for ldm in keymap.ldm_to_diffusers}
+        if len(by_dotless) != len(keymap.ldm_to_diffusers):
+            raise KeyMapError("internal: two LDM names collide without dots; EMA names would be ambiguous")
+        unknown = [raw for d, raw in split.ema.items() if d not in by_dotless]
+        if unknown:
+            raise KeyMapError(f"{len(unknown)} EMA key(s) match no UNet key: {list_some(unknown)}")
+        for raw in raw_by_name.values():
+            ignored[raw] = "live weights replaced by the EMA copy (ema=True)"
+        raw_by_name = {by_dotless[d]: raw for d, raw in split.ema.items()}
+        for raw in split.ema.values():
+            ignored.pop(raw, None)
+    else:
+        for raw in split.ema.values():
+            ignored.setdefault(raw, "EMA copy of the weights; load it instead with ema=True / --ema")
+
+    # Map names with the topology the names show, infer or take a config, then map again with the topology the
+    # config implies, so that a missing or extra tensor is reported as such rather than as a different model.
+    shapes = {}
+    for name, raw in raw_by_name.items():
+        d = keymap.lookup(name, layout)
+        if d is not None:
+            shapes[d] = ckpt.entries[raw].shape
+    source = "inferred"
+    config = None
+    for candidate, label in ((user_config, "user"), (_metadata_config(ckpt), "file metadata"), (ckpt.config, "config.json")):
+        if candidate is not None:
+            config, source = clean_config(candidate), label
+            break
+    assumptions: list[str] = []
+    if config is None:
+        config, assumptions = infer_config(names_topo, shapes)
+    variant = variant_of(config)
+    topo = Topology.from_config(config)
+    topo.check_supported()
+    if topo != names_topo:
+        keymap = KeyMap.for_topology(topo)
+
+    tensors: dict[str, TensorEntry] = {}
+    unknown: list[str] = []
+    dupes: list[str] = []
+    for name, raw in raw_by_name.items():
+        d = keymap.lookup(name, layout)
+        if d is None:
+            unknown.append(raw)
+        elif d in tensors:
+            dupes.append(f"{raw} (also given as {tensors[d].name})")
+        else:
+            tensors[d] = ckpt.entries[raw]
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in tensors]
+    wrong = [
+        f"{tensors[k].name}: expected {list(s)}, found {list(tensors[k].shape)}"
+        for k, s in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != s
+    ]
+    problems = []
+    if unknown:
+        problems.append(f"{len(unknown)} unknown key(s): {list_some(unknown)}")
+    if dupes:
+        problems.append(f"{len(dupes)} duplicated key(s): {list_some(dupes)}")
+    if missing:
+        missing_raw = [_raw_name(keymap, k, layout, split.prefix) for k in missing]
+        problems.append(f"{len(missing)} missing key(s): {list_some(missing_raw)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {list_some(wrong, 5)}")
+    if problems:
+        raise KeyMapError(
+            f"does not match the {variant} UNet described by the {source} config: " + "; ".join(problems)
+        )
+    spec = UNetSpec(
+        layout=layout,
+        family=family_of(config),
+        variant=variant,
+        config=config,
+        config_source=source,
+        topology=topo,
+        assumptions=assumptions,
+    )
+    order = {name: i for i, name in enumerate(expected)}
+    if ckpt.format != "safetensors":
+        tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[0]]))
+    for raw, reason in ignored.items():
+        log.info("ignored %s: %s", raw, reason)
+    return UNetSource(checkpoint=ckpt, spec=spec, keymap=keymap, tensors=tensors, ignored=ignored, prefix=split.prefix)
+
+
+def _raw_name(keymap: KeyMap, diffusers_key: str, layout: str, prefix: str) -> str:
+    name = keymap.to_ldm(diffusers_key) if layout == "ldm" else diffusers_key
+    return f"{prefix}{name}"
+
+
+def _metadata_config(ckpt: Checkpoint) -> dict[str, Any] | None:
+    raw = ckpt.metadata.get(METADATA_CONFIG_KEY)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ModelDetectionError(f"metadata {METADATA_CONFIG_KEY} is not valid JSON ({e})") from e
+
+
+def _load_config(config: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
+    if config is None or isinstance(config, Mapping):
+        return dict(config) if config is not None else None
+    p = Path(config)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelDetectionError(f"{p}: cannot read the given config ({e})") from e
+
+
+__all__ = ["EMA_PREFIX", "UNetSource", "open_unet"]
