@@ -15,8 +15,21 @@ from unetkit.errors import (  # noqa: E402
     VerificationFailed,
 )
 
+from unetkit.convert import ConvertResult, convert  # noqa: E402
+from unetkit.inspect import inspect_file  # noqa: E402
+from unetkit.load import load_unet  # noqa: E402
+from unetkit.resolve import UNetSource, open_unet  # noqa: E402
+from unetkit.spec import UNetSpec  # noqa: E402
+
 __all__ = [
     "__version__",
+    "ConvertResult",
+    "UNetSource",
+    "UNetSpec",
+    "convert",
+    "inspect_file",
+    "load_unet",
+    "open_unet",
     "BackendUnavailable",
     "FormatError",
     "KeyMapError",

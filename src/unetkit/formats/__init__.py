@@ -21,10 +21,11 @@ def sniff(path: Path) -> str:
         head = f.read(16)
     if head[:4] == b"GGUF":
         return "gguf"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: its 8-byte little-endian header length may well start with 0x80, like a pickle
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"
     if path.suffix == ".safetensors":
         return "safetensors"  # let the reader say what is wrong
     if path.suffix in PICKLE_SUFFIXES:

@@ -36,7 +36,7 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
         tmp.mkdir()
     try:
         yield tmp
-        if path.exists() and directory:
+        if path.exists() and (directory or path.is_dir()):
             check_output(path, force)
             old = path.parent / f".{path.name}.unetkit-old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)

@@ -1,0 +1,68 @@
+"""The `unetkit` command: subcommand registry and error handling.
+
+A ``UnetkitError`` becomes one line on stderr and exit code 2 (1 for VerificationFailed); anything else is a bug
+and keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from unetkit import __version__
+from unetkit.errors import UnetkitError
+
+DESCRIPTION = """unetkit: read, convert, quantize and verify Stable Diffusion 1.x/2.x UNet checkpoints.
+
+Every input key is mapped, listed as ignored with a reason, or reported in an error. Conversions are bit-exact;
+outputs are written atomically and never overwrite an existing file without --force."""
+EPILOG = """start here:
+  unetkit inspect model.safetensors                       what is in a file
+  unetkit convert model.safetensors unet/ --to diffusers   LDM single file -> diffusers folder
+  unetkit convert unet/ model.safetensors --to ldm         and back, bit for bit
+run `unetkit COMMAND --help` for each command's options and examples."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from unetkit.cli import convert_cmd, inspect_cmd
+
+    parser = argparse.ArgumentParser(prog="unetkit", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unetkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (inspect_cmd, convert_cmd):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # diffusers and torchao log warnings while being imported (optional CUDA kernels, torchao tensor types);
+        # they say nothing about the user's files. diffusers resets its logger level on import, hence the env var.
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        warnings.filterwarnings("ignore")
+        for noisy in ("torchao", "diffusers", "torch", "optimum"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.run(args) or 0)
+    except UnetkitError as e:
+        print(f"unetkit {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
