@@ -88,3 +88,18 @@ def test_pairs_are_in_model_order_and_unique():
     pairs = build_pairs(topo)
     assert len({a for a, _ in pairs}) == len({b for _, b in pairs}) == len(pairs) == 686
     assert pairs[0][1].startswith("time_embedding") and pairs[-1][1] == "conv_out.bias"
+
+
+@pytest.mark.parametrize("cfg", [
+    FULL_SD15,
+    dict(FULL_SD15, time_cond_proj_dim=256, in_channels=9),
+    dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+         use_linear_projection=True),
+    *[{**dict(block_out_channels=[32, 64, 128, 128], cross_attention_dim=64, attention_head_dim=8), **v} for v in VARIANTS.values()],
+], ids=["sd15", "sd15-inpaint-lcm", "sd2", *VARIANTS])
+def test_expected_shapes_equal_diffusers_model(cfg):
+    """spec.expected_shapes computes shapes without diffusers; diffusers' own model is the oracle."""
+    from unetkit.spec import expected_shapes
+
+    model = meta_unet(**cfg)
+    assert expected_shapes(model.config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -23,7 +23,7 @@ from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
 from unetkit.resolve import METADATA_CONFIG_KEY, UNetSource, open_unet
-from unetkit.spec import build_model
+from unetkit.spec import diffusers_config_json
 
 LDM_PREFIX = "model.diffusion_model."
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -91,7 +91,7 @@ def convert(
     hasher.start()
     if to == "diffusers":
         with atomic_output(out, force=force, directory=True) as tmp:
-            build_model(source.spec.config).save_config(tmp)
+            (tmp / "config.json").write_text(diffusers_config_json(source.spec.config))
             write_safetensors(tmp / DIFFUSERS_WEIGHTS, tensors, meta, progress, final_meta)
     else:
         with atomic_output(out, force=force) as tmp:
@@ -136,7 +136,7 @@ def _plan(source: UNetSource, to: str, target: torch.dtype | None, prefix: bool)
 
 
 def _loader(entry: TensorEntry, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    return lambda: entry.load().to(dtype)
+    return lambda: entry.read().to(dtype)
 
 
 def metadata_for(source: UNetSource, layout: str, extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -25,7 +25,7 @@ from unetkit import convert, inspect_file, load_unet, open_unet
 from unetkit.errors import UnetkitError
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
 from unetkit.keymap import KeyMap, Topology
-from unetkit.spec import build_model
+from unetkit.spec import expected_shapes
 
 SD15_LCM = dict(
     block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8, sample_size=64,
@@ -36,16 +36,15 @@ SD15_LCM = dict(
 def make_default(path: Path, seed: int = 1234, dtype: torch.dtype = torch.float16) -> Path:
     """Write the built-in default: full-size SD1.5-architecture LCM UNet, seeded random weights, LDM names under
     model.diffusion_model., plus the noise-schedule buffers a full checkpoint carries."""
-    model = build_model(SD15_LCM)  # meta: shapes only
-    keymap = KeyMap.for_topology(Topology.from_config(model.config))
+    keymap = KeyMap.for_topology(Topology.from_config(SD15_LCM))
     tensors = []
-    for i, (name, p) in enumerate(model.state_dict().items()):
-        def load(shape=tuple(p.shape), i=i, norm=name.endswith("weight") and "norm" in name):
+    for i, (name, shape) in enumerate(expected_shapes(SD15_LCM).items()):
+        def load(shape=shape, i=i, norm=name.endswith("weight") and "norm" in name):
             g = torch.Generator().manual_seed(seed + i)
             t = torch.randn(shape, generator=g).mul_(0.02)
             return (t.add_(1.0) if norm else t).to(dtype)
 
-        tensors.append(OutTensor("model.diffusion_model." + keymap.to_ldm(name), tuple(p.shape), dtype, load=load))
+        tensors.append(OutTensor("model.diffusion_model." + keymap.to_ldm(name), shape, dtype, load=load))
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled-linear schedule
     for name, value in (("betas", betas), ("alphas_cumprod", torch.cumprod(1 - betas, 0))):
         tensors.append(OutTensor(name, (1000,), torch.float32, load=lambda v=value: v.float()))

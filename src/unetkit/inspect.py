@@ -36,7 +36,7 @@ def inspect_file(
     suspicious = []
     if scan:
         for name, entry in source.tensors.items():
-            problem = _problem(entry.load())
+            problem = _problem(entry.read())
             if problem:
                 suspicious.append({"tensor": entry.name, "diffusers_name": name, "problem": problem})
             if progress:

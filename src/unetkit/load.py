@@ -58,14 +58,18 @@ def load_unet(
     model = build_model(source.spec.config, device="meta")
     state = {}
     for name, entry in source.tensors.items():
-        t = entry.load()
+        if entry.offset is not None and entry.offset % ALIGN and entry.dtype == target and device.type == "cpu":
+            # Not 64-byte aligned in the file (most writers align to 8 only): a memory map would give misaligned
+            # weights, and CPU kernels give different last bits on those (see formats/safetensors_io.py), so
+            # read a copy into aligned memory. Aligned tensors (unetkit's own files) stay zero-copy.
+            t = entry.read()
+        else:
+            t = entry.load()
         if t.dtype != target and t.dtype.is_floating_point:
             t = t.to(target)
         if t.device != device:
             t = t.to(device)
         elif t.data_ptr() % ALIGN:
-            # Memory-mapped from a file whose data is not 64-byte aligned: copy into aligned memory, since CPU
-            # kernels give different last bits on misaligned weights (see formats/safetensors_io.py).
             t = t.clone()
         state[name] = t
     result = model.load_state_dict(state, strict=False, assign=True)

@@ -7,6 +7,7 @@ against every tensor shape."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from unetkit.errors import ModelDetectionError
-from unetkit.keymap.topology import COND_PROJ, Topology
+from unetkit.keymap.topology import COND_PROJ, Topology, resnet_channels
 
 Shape = tuple[int, ...]
 
@@ -181,12 +182,102 @@ def build_model(config: Mapping[str, Any], device: str | torch.device = "meta"):
         return UNet2DConditionModel.from_config(clean_config(config))
 
 
+def expected_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
+    """Every state-dict key of ``UNet2DConditionModel(**config)`` with its shape (diffusers names), computed from
+    the config alone (no diffusers import, no model), for the SD1.x/2.x family. Tested equal to diffusers' own
+    model for every variant and at full size."""
+    return dict(_expected(json.dumps(clean_config(config), sort_keys=True)))
+
+
 @lru_cache(maxsize=16)
 def _expected(config_json: str) -> tuple[tuple[str, Shape], ...]:
-    model = build_model(json.loads(config_json))
-    return tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    cfg = json.loads(config_json)
+    topo = Topology.from_config(cfg)
+    channels = list(cfg["block_out_channels"])
+    n = len(channels)
+    c0 = channels[0]
+    temb = cfg.get("time_embedding_dim") or 4 * c0
+    cross = cfg.get("cross_attention_dim", 1280)
+    linear = bool(cfg.get("use_linear_projection", False))
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+    heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n
+    k_in, k_out = cfg.get("conv_in_kernel", 3), cfg.get("conv_out_kernel", 3)
+    out: dict[str, Shape] = {}
+
+    def conv(name: str, o: int, i: int, k: int) -> None:
+        out[f"{name}.weight"], out[f"{name}.bias"] = (o, i, k, k), (o,)
+
+    def lin(name: str, o: int, i: int, bias: bool = True) -> None:
+        out[f"{name}.weight"] = (o, i)
+        if bias:
+            out[f"{name}.bias"] = (o,)
+
+    def norm(name: str, c: int) -> None:
+        out[f"{name}.weight"], out[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name: str, i: int, o: int) -> None:
+        norm(f"{name}.norm1", i)
+        conv(f"{name}.conv1", o, i, 3)
+        lin(f"{name}.time_emb_proj", o, temb)
+        norm(f"{name}.norm2", o)
+        conv(f"{name}.conv2", o, o, 3)
+        if i != o:
+            conv(f"{name}.conv_shortcut", o, i, 1)
+
+    def attention(name: str, c: int, n_heads: int, depth: int) -> None:
+        inner = n_heads * (c // n_heads)
+        norm(f"{name}.norm", c)
+        lin(f"{name}.proj_in", inner, c) if linear else conv(f"{name}.proj_in", inner, c, 1)
+        for t in range(depth):
+            b = f"{name}.transformer_blocks.{t}"
+            for a, kv in (("attn1", inner), ("attn2", cross)):
+                lin(f"{b}.{a}.to_q", inner, inner, bias=False)
+                lin(f"{b}.{a}.to_k", inner, kv, bias=False)
+                lin(f"{b}.{a}.to_v", inner, kv, bias=False)
+                lin(f"{b}.{a}.to_out.0", inner, inner)
+            for k in ("norm1", "norm2", "norm3"):
+                norm(f"{b}.{k}", inner)
+            lin(f"{b}.ff.net.0.proj", 8 * inner, inner)  # GEGLU: two halves of 4 * inner
+            lin(f"{b}.ff.net.2", inner, 4 * inner)
+        lin(f"{name}.proj_out", c, inner) if linear else conv(f"{name}.proj_out", c, inner, 1)
+
+    conv("conv_in", c0, cfg.get("in_channels", 4), k_in)
+    lin("time_embedding.linear_1", temb, c0)
+    if cfg.get("time_cond_proj_dim"):
+        lin("time_embedding.cond_proj", c0, cfg["time_cond_proj_dim"], bias=False)
+    lin("time_embedding.linear_2", temb, temb)
+    down_io, up_io = resnet_channels(cfg)
+    for i in range(n):
+        for j, (ci, co) in enumerate(down_io[i]):
+            resnet(f"down_blocks.{i}.resnets.{j}", ci, co)
+            if topo.down_attention[i]:
+                attention(f"down_blocks.{i}.attentions.{j}", co, heads[i], topo.down_attention[i])
+        if i < n - 1:
+            conv(f"down_blocks.{i}.downsamplers.0.conv", channels[i], channels[i], 3)
+    rev_heads = list(reversed(heads))
+    for i in range(n):
+        for j, (ci, co) in enumerate(up_io[i]):
+            resnet(f"up_blocks.{i}.resnets.{j}", ci, co)
+            if topo.up_attention[i]:
+                attention(f"up_blocks.{i}.attentions.{j}", co, rev_heads[i], topo.up_attention[i])
+        if i < n - 1:
+            c = up_io[i][-1][1]
+            conv(f"up_blocks.{i}.upsamplers.0.conv", c, c, 3)
+    cm = channels[-1]
+    if topo.mid_attention:
+        attention("mid_block.attentions.0", cm, heads[-1], topo.mid_attention)
+    resnet("mid_block.resnets.0", cm, cm)
+    resnet("mid_block.resnets.1", cm, cm)
+    norm("conv_norm_out", c0)
+    conv("conv_out", cfg.get("out_channels", 4), c0, k_out)
+    return tuple(out.items())
 
 
-def expected_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
-    """Every state-dict key of the model ``config`` describes, with its shape (diffusers names)."""
-    return dict(_expected(json.dumps(clean_config(config), sort_keys=True)))
+def diffusers_config_json(config: Mapping[str, Any]) -> str:
+    """The ``config.json`` of a diffusers UNet folder (what ``save_config`` writes), without importing diffusers."""
+    try:
+        version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.30.0"
+    body = {"_class_name": "UNet2DConditionModel", "_diffusers_version": version, **clean_config(config)}
+    return json.dumps(body, indent=2, sort_keys=True) + "\n"

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnetkitError as e:
         print(f"unetkit {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("interrupted; no output was left behind", file=sys.stderr)
         return 130

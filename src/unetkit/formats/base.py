@@ -27,7 +27,23 @@ class TensorEntry:
     qtype: str | None = None
 
     def load(self) -> torch.Tensor:
+        """The tensor, memory-mapped where the format allows (no copy; pages stay mapped while referenced)."""
         return self.loader()
+
+    def read(self) -> torch.Tensor:
+        """A fresh copy in newly allocated (64-byte aligned) memory, read straight from the file when the bytes
+        are located there, so that no memory map grows the resident set: streaming code uses this."""
+        if self.file is None or self.offset is None or self.qtype is not None:
+            return self.loader().clone()
+        out = torch.empty(self.shape, dtype=self.dtype)
+        if self.nbytes:
+            view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            with open(self.file, "rb", buffering=0) as f:
+                f.seek(self.offset)
+                got = f.readinto(view)
+            if got != self.nbytes:
+                raise OSError(f"{self.file}: short read of tensor {self.name!r} ({got} of {self.nbytes} bytes)")
+        return out
 
     @property
     def numel(self) -> int:

@@ -48,22 +48,9 @@ class Topology:
         rev_depths = list(reversed(depths))
         up_att = tuple(rev_depths[i] if up_types[i].startswith("CrossAttn") else 0 for i in range(n))
 
-        down_sc = []
-        for i in range(n):
-            block_in = channels[i - 1] if i > 0 else channels[0]
-            down_sc.append(tuple((block_in if j == 0 else channels[i]) != channels[i] for j in range(layers)))
-        rev = list(reversed(channels))
-        up_sc = []
-        for i in range(n):
-            out_ch = rev[i]
-            prev_out = rev[i - 1] if i > 0 else rev[0]
-            block_in = rev[min(i + 1, n - 1)]
-            row = []
-            for j in range(layers + 1):
-                skip = block_in if j == layers else out_ch
-                res_in = prev_out if j == 0 else out_ch
-                row.append(res_in + skip != out_ch)
-            up_sc.append(tuple(row))
+        down_io, up_io = resnet_channels(config)
+        down_sc = [tuple(i != o for i, o in block) for block in down_io]
+        up_sc = [tuple(i != o for i, o in block) for block in up_io]
         mid = depths[-1] if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") else 0
         return Topology(
             n_blocks=n,
@@ -163,6 +150,25 @@ class Topology:
             problems.append(f"up-block attention {self.up_attention} does not mirror down {self.down_attention}")
         if problems:
             raise ModelDetectionError("not an SD1.x/SD2.x UNet: " + "; ".join(problems))
+
+
+def resnet_channels(config: Mapping[str, Any]) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+    """(in_channels, out_channels) of every resnet, per down block and per up block (diffusers order), exactly as
+    ``UNet2DConditionModel`` wires them (up-block inputs include the concatenated skip connection)."""
+    channels = list(config["block_out_channels"])
+    n = len(channels)
+    layers = config.get("layers_per_block", 2)
+    down = []
+    for i in range(n):
+        block_in = channels[i - 1] if i > 0 else channels[0]
+        down.append([(block_in if j == 0 else channels[i], channels[i]) for j in range(layers)])
+    rev = list(reversed(channels))
+    up = []
+    for i in range(n):
+        out_ch, prev_out, block_in = rev[i], rev[i - 1] if i > 0 else rev[0], rev[min(i + 1, n - 1)]
+        up.append([((prev_out if j == 0 else out_ch) + (block_in if j == layers else out_ch), out_ch)
+                   for j in range(layers + 1)])
+    return down, up
 
 
 def _indices(names: Iterable[str], pattern: str) -> set[int]:

@@ -1,0 +1,158 @@
+"""Issue 2 figures: convert and load of a full-size SD1.5 UNet (fp32 LDM safetensors, 3.44 GB), side by side with
+`cp` and diffusers (`from_single_file` with a local config + `save_pretrained`) in the same run.
+
+    python benchmarks/bench_foundation.py [--repeats 3] [--json bench_out/foundation.json]
+
+Page cache: warm (every input is read once first, so all tools start equal). Each figure is the median of
+--repeats runs after one warm-up run, each in a fresh process; `process` adds interpreter start and imports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    fmt_s, machine, make_sd15_source, markdown, peak_rss_mb, remove, repeat, run_command, run_worker, warm,
+)
+
+SCRIPT = Path(__file__).resolve()
+
+
+def worker(task: str, src: str, out: str, config_dir: str) -> dict:
+    import torch
+
+    if task == "unetkit_convert_diffusers":
+        from unetkit import convert
+
+        t = time.perf_counter()
+        convert(src, out, to="diffusers")
+    elif task == "unetkit_convert_fp16":
+        from unetkit import convert
+
+        t = time.perf_counter()
+        convert(src, out, to="diffusers", dtype="fp16")
+    elif task == "diffusers_convert":
+        from diffusers import UNet2DConditionModel
+
+        t = time.perf_counter()
+        unet = UNet2DConditionModel.from_single_file(src, config=config_dir)
+        unet.save_pretrained(out)
+    elif task == "load_file":
+        from safetensors.torch import load_file
+
+        t = time.perf_counter()
+        load_file(src)
+    elif task == "load_file_touch":
+        from safetensors.torch import load_file
+
+        t = time.perf_counter()
+        sd = load_file(src)
+        for v in sd.values():  # fault every page in: the weights are then really in memory
+            v.view(-1)[::1024].sum()
+    elif task == "load_unet":
+        from unetkit import load_unet
+
+        t = time.perf_counter()
+        load_unet(src)
+    elif task == "from_single_file":
+        from diffusers import UNet2DConditionModel
+
+        t = time.perf_counter()
+        UNet2DConditionModel.from_single_file(src, config=config_dir)
+    else:
+        raise SystemExit(f"unknown task {task}")
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "torch": torch.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", default="bench_out/sd15_fp32.safetensors")
+    ap.add_argument("--workdir", default="bench_out")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="bench_out/foundation.json")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, *args.rest)))
+        return
+
+    work = Path(args.workdir)
+    src = make_sd15_source(Path(args.src))
+    config_dir = work / "sd15_config"
+    if not (config_dir / "config.json").exists():  # a local config for diffusers (it must not reach the Hub)
+        from unetkit import open_unet
+        from unetkit.spec import build_model
+
+        build_model(open_unet(src).spec.config).save_config(config_dir)
+    out = work / "bench_output"
+    warm(src)
+    size_gb = src.stat().st_size / 1e9
+    print(f"source: {src} ({size_gb:.2f} GB); {machine()}", flush=True)
+
+    def w(task: str):
+        return lambda: run_worker(SCRIPT, task, str(src), str(out), str(config_dir))
+
+    cleanup = lambda: remove(out)  # noqa: E731
+    r: dict[str, dict] = {}
+    plan = [
+        ("cp", lambda: run_command(["cp", str(src), str(out)])),
+        ("unetkit_convert_diffusers", w("unetkit_convert_diffusers")),
+        ("unetkit_cli_convert", lambda: run_command([str(Path(sys.executable).parent / "unetkit"), "-q", "convert",
+                                                     str(src), str(out), "--to", "diffusers"])),
+        ("diffusers_convert", w("diffusers_convert")),
+        ("unetkit_convert_fp16", w("unetkit_convert_fp16")),
+        ("load_file", w("load_file")),
+        ("load_file_touch", w("load_file_touch")),
+        ("load_unet", w("load_unet")),
+        ("from_single_file", w("from_single_file")),
+    ]
+    for name, fn in plan:
+        print(f"  {name} ...", end=" ", flush=True)
+        r[name] = repeat(fn, args.repeats, cleanup)
+        print(fmt_s(r[name]), f"peak RSS {r[name].get('peak_rss_mb', 0):.0f} MB" if "peak_rss_mb" in r[name] else "",
+              flush=True)
+
+    def rss(k):
+        return f"{r[k]['peak_rss_mb'] / 1024:.2f} GB" if "peak_rss_mb" in r[k] else "-"
+
+    def ratio(k, base):
+        if "error" in r[k] or "error" in r[base]:
+            return "-"
+        return f"{r[k]['median_s'] / r[base]['median_s']:.2f}x"
+
+    conv = [
+        ["`cp` (reference)", fmt_s(r["cp"]), "1.00x", "-", "-"],
+        ["unetkit convert --to diffusers (library call)", fmt_s(r["unetkit_convert_diffusers"]),
+         ratio("unetkit_convert_diffusers", "cp"), rss("unetkit_convert_diffusers"), "<= 1.3x cp, <= 0.5 GB"],
+        ["`unetkit convert --to diffusers` (whole CLI process)", fmt_s(r["unetkit_cli_convert"]),
+         ratio("unetkit_cli_convert", "cp"), "-", ""],
+        ["diffusers from_single_file + save_pretrained", fmt_s(r["diffusers_convert"]),
+         ratio("diffusers_convert", "cp"), rss("diffusers_convert"), ""],
+        ["unetkit convert --to diffusers --dtype fp16", fmt_s(r["unetkit_convert_fp16"]),
+         ratio("unetkit_convert_fp16", "cp"), rss("unetkit_convert_fp16"), "recorded"],
+    ]
+    load = [
+        ["safetensors load_file (lazy mmap, pages not touched)", fmt_s(r["load_file"]), "1.00x", rss("load_file"), ""],
+        ["safetensors load_file + touch every page", fmt_s(r["load_file_touch"]), ratio("load_file_touch", "load_file"),
+         rss("load_file_touch"), ""],
+        ["unetkit load_unet -> ready UNet2DConditionModel", fmt_s(r["load_unet"]), ratio("load_unet", "load_file"),
+         rss("load_unet"), "<= 1.3x load_file; < from_single_file"],
+        ["diffusers from_single_file (local config)", fmt_s(r["from_single_file"]), ratio("from_single_file", "load_file"),
+         rss("from_single_file"), ""],
+    ]
+    text = (markdown(conv, ["convert (3.44 GB fp32 LDM -> diffusers folder)", "wall, median (min-max)", "vs cp",
+                            "peak RSS", "target"])
+            + "\n\n" + markdown(load, ["load", "wall, median (min-max)", "vs load_file", "peak RSS", "target"]))
+    print("\n" + text)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"machine": machine(), "source_bytes": src.stat().st_size,
+                                           "results": r, "markdown": text}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
