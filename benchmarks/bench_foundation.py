@@ -58,6 +58,16 @@ def worker(task: str, src: str, out: str, config_dir: str) -> dict:
 
         t = time.perf_counter()
         load_unet(src)
+    elif task == "load_unet_noalign":
+        from unetkit import load_unet
+
+        t = time.perf_counter()
+        load_unet(src, align=False)
+    elif task == "load_unet_own_file":  # a file unetkit wrote (64-byte aligned): zero-copy
+        from unetkit import load_unet
+
+        t = time.perf_counter()
+        load_unet(out)
     elif task == "from_single_file":
         from diffusers import UNet2DConditionModel
 
@@ -109,8 +119,16 @@ def main() -> None:
         ("load_file", w("load_file")),
         ("load_file_touch", w("load_file_touch")),
         ("load_unet", w("load_unet")),
+        ("load_unet_noalign", w("load_unet_noalign")),
         ("from_single_file", w("from_single_file")),
     ]
+    own = work / "sd15_unetkit_ldm.safetensors"
+    if not own.exists():
+        from unetkit import convert
+
+        convert(src, own, to="ldm")
+    warm(own)
+    plan.append(("load_unet_own_file", lambda: run_worker(SCRIPT, "load_unet_own_file", str(src), str(own), str(config_dir))))
     for name, fn in plan:
         print(f"  {name} ...", end=" ", flush=True)
         r[name] = repeat(fn, args.repeats, cleanup)
@@ -140,8 +158,12 @@ def main() -> None:
         ["safetensors load_file (lazy mmap, pages not touched)", fmt_s(r["load_file"]), "1.00x", rss("load_file"), ""],
         ["safetensors load_file + touch every page", fmt_s(r["load_file_touch"]), ratio("load_file_touch", "load_file"),
          rss("load_file_touch"), ""],
-        ["unetkit load_unet -> ready UNet2DConditionModel", fmt_s(r["load_unet"]), ratio("load_unet", "load_file"),
-         rss("load_unet"), "<= 1.3x load_file; < from_single_file"],
+        ["unetkit load_unet -> ready UNet2DConditionModel (default align=True)", fmt_s(r["load_unet"]),
+         ratio("load_unet", "load_file"), rss("load_unet"), "<= 1.3x load_file; < from_single_file"],
+        ["unetkit load_unet(align=False): zero-copy like diffusers", fmt_s(r["load_unet_noalign"]),
+         ratio("load_unet_noalign", "load_file"), rss("load_unet_noalign"), ""],
+        ["unetkit load_unet of a unetkit-written LDM file (aligned: zero-copy)", fmt_s(r["load_unet_own_file"]),
+         ratio("load_unet_own_file", "load_file"), rss("load_unet_own_file"), ""],
         ["diffusers from_single_file (local config)", fmt_s(r["from_single_file"]), ratio("from_single_file", "load_file"),
          rss("from_single_file"), ""],
     ]

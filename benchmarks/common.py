@@ -86,6 +86,8 @@ def repeat(fn, repeats: int, cleanup=None, warmup: bool = True) -> dict:
     """Median/min/max of ``fn()['seconds']`` over ``repeats`` runs after one warm-up; keeps the max peak RSS."""
     runs = []
     for i in range(repeats + (1 if warmup else 0)):
+        os.sync()  # flush earlier writes first: otherwise writeback throttling lands on whoever runs next
+        time.sleep(0.5)
         rec = fn()
         if cleanup:
             cleanup()

@@ -161,3 +161,12 @@ def test_stable_diffusion_pipeline_accepts_the_loaded_unet(tmp_path):
     out = pipe(prompt_embeds=emb, negative_prompt_embeds=torch.zeros_like(emb), num_inference_steps=2,
                height=32, width=32, output_type="np", generator=g).images
     assert out.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(out)).all())
+
+
+def test_align_false_is_zero_copy_with_equal_values(model, tmp_path):
+    path = save_ldm(model, tmp_path / "u.safetensors")  # written by safetensors: 8-byte aligned
+    a, b = load_unet(path), load_unet(path, align=False)
+    assert all(p.data_ptr() % 64 == 0 for p in a.parameters())
+    assert any(p.data_ptr() % 64 for p in b.parameters())  # memory-mapped where the file put it
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

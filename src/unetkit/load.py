@@ -44,12 +44,17 @@ def load_unet(
     *,
     ema: bool = False,
     config: Mapping[str, Any] | str | Path | None = None,
+    align: bool = True,
 ) -> UNet2DConditionModel:
     """Load any SD1.x/2.x UNet file or folder that unetkit reads into a diffusers UNet, strictly.
 
     ``dtype``: None keeps the file's floating dtype (the one most parameters have); 'fp32'/'fp16'/'bf16' or a
     torch dtype converts. ``ema``: use the EMA weights of a full LDM checkpoint. ``config``: override the
-    inferred diffusers config (dict, config.json or its folder). Raises ``KeyMapError`` naming every missing,
+    inferred diffusers config (dict, config.json or its folder). ``align``: copy tensors that are not 64-byte
+    aligned in the file into aligned memory (default), so that the forward output depends only on the weight
+    values; ``align=False`` memory-maps everything (faster for files from other writers; CPU kernels may then give
+    different last bits than for the same weights elsewhere). Files unetkit writes are aligned: zero-copy either
+    way. Raises ``KeyMapError`` naming every missing,
     unexpected or mis-shaped key; returns the model in eval mode.
     """
     source = path if isinstance(path, UNetSource) else open_unet(path, ema=ema, config=config)
@@ -58,7 +63,7 @@ def load_unet(
     model = build_model(source.spec.config, device="meta")
     state = {}
     for name, entry in source.tensors.items():
-        if entry.offset is not None and entry.offset % ALIGN and entry.dtype == target and device.type == "cpu":
+        if align and entry.offset is not None and entry.offset % ALIGN and entry.dtype == target and device.type == "cpu":
             # Not 64-byte aligned in the file (most writers align to 8 only): a memory map would give misaligned
             # weights, and CPU kernels give different last bits on those (see formats/safetensors_io.py), so
             # read a copy into aligned memory. Aligned tensors (unetkit's own files) stay zero-copy.
@@ -69,7 +74,7 @@ def load_unet(
             t = t.to(target)
         if t.device != device:
             t = t.to(device)
-        elif t.data_ptr() % ALIGN:
+        elif align and t.data_ptr() % ALIGN:
             t = t.clone()
         state[name] = t
     result = model.load_state_dict(state, strict=False, assign=True)

@@ -160,22 +160,28 @@ def write_safetensors(
     head = header_bytes(tensors, metadata)
     with open(path, "wb") as out:
         out.seek(len(head))
+        run: list[OutTensor] = []  # consecutive byte-range tensors that are adjacent in one source file
+
+        def flush_run() -> None:
+            if run:
+                _copy_range(run[0].src_file, run[0].src_offset or 0, sum(t.nbytes for t in run), out)
+                if progress:
+                    for t in run:
+                        progress(t.nbytes)
+                run.clear()
+
         for t in tensors:
             if t.src_file is not None:
-                _copy_range(t.src_file, t.src_offset or 0, t.nbytes, out)
-            else:
-                assert t.load is not None
-                tensor = t.load()
-                if tuple(tensor.shape) != tuple(t.shape) or tensor.dtype != t.dtype:
-                    raise FormatError(
-                        f"{path}: internal error writing {t.name!r}: got {tensor.dtype} {list(tensor.shape)}, "
-                        f"header says {t.dtype} {list(t.shape)}"
-                    )
-                tensor = tensor.detach().to("cpu").contiguous()
-                if tensor.numel():
-                    out.write(memoryview(tensor.view(torch.uint8).numpy()))
+                last = run[-1] if run else None
+                if last is not None and (last.src_file != t.src_file or (last.src_offset or 0) + last.nbytes != t.src_offset):
+                    flush_run()
+                run.append(t)
+                continue
+            flush_run()
+            _write_tensor(out, t, path)
             if progress:
                 progress(t.nbytes)
+        flush_run()
         if finalize_metadata is not None:
             final = header_bytes(tensors, finalize_metadata())
             if len(final) != len(head):
@@ -183,6 +189,19 @@ def write_safetensors(
             head = final
         out.seek(0)
         out.write(head)
+
+
+def _write_tensor(out, t: OutTensor, path: Path) -> None:
+    assert t.load is not None  # an OutTensor has either a byte range or a loader
+    tensor = t.load()
+    if tuple(tensor.shape) != tuple(t.shape) or tensor.dtype != t.dtype:
+        raise FormatError(
+            f"{path}: internal error writing {t.name!r}: got {tensor.dtype} {list(tensor.shape)}, "
+            f"header says {t.dtype} {list(t.shape)}"
+        )
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.numel():
+        out.write(memoryview(tensor.view(torch.uint8).numpy()))
 
 
 def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
