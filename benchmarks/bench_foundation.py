@@ -24,6 +24,7 @@ SCRIPT = Path(__file__).resolve()
 
 def worker(task: str, src: str, out: str, config_dir: str) -> dict:
     import torch
+    from diffusers import UNet2DConditionModel  # noqa: F401  imported before any clock starts, for every tool
 
     if task == "unetkit_convert_diffusers":
         from unetkit import convert
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--workdir", default="bench_out")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="bench_out/foundation.json")
+    ap.add_argument("--only", nargs="*", help="run only these rows (merged into an existing --json file)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,7 +110,8 @@ def main() -> None:
         return lambda: run_worker(SCRIPT, task, str(src), str(out), str(config_dir))
 
     cleanup = lambda: remove(out)  # noqa: E731
-    r: dict[str, dict] = {}
+    previous = json.loads(Path(args.json).read_text())["results"] if args.only and Path(args.json).exists() else {}
+    r: dict[str, dict] = dict(previous)
     plan = [
         ("cp", lambda: run_command(["cp", str(src), str(out)])),
         ("unetkit_convert_diffusers", w("unetkit_convert_diffusers")),
@@ -130,6 +133,8 @@ def main() -> None:
     warm(own)
     plan.append(("load_unet_own_file", lambda: run_worker(SCRIPT, "load_unet_own_file", str(src), str(own), str(config_dir))))
     for name, fn in plan:
+        if args.only and name not in args.only:
+            continue
         print(f"  {name} ...", end=" ", flush=True)
         r[name] = repeat(fn, args.repeats, cleanup)
         print(fmt_s(r[name]), f"peak RSS {r[name].get('peak_rss_mb', 0):.0f} MB" if "peak_rss_mb" in r[name] else "",
