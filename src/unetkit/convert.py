@@ -5,9 +5,7 @@ the input's bytes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ from unetkit.dtypes import parse_dtype, short
 from unetkit.errors import UnetkitError
 from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry
+from unetkit.formats.hashing import FileHasher
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
 from unetkit.resolve import METADATA_CONFIG_KEY, UNetSource, open_unet
 from unetkit.spec import diffusers_config_json
@@ -77,7 +76,7 @@ def convert(
     check_output(out, force, inputs=(src,))
     source = open_unet(src, ema=ema, config=config)
     target = parse_dtype(dtype)
-    hasher = _FileHasher(source.checkpoint.files)
+    hasher = FileHasher(source.checkpoint.files)
     tensors, copied, changed = _plan(source, to, target, prefix)
     total = sum(t.nbytes for t in tensors)
     meta = metadata_for(source, layout=to, extra={"unetkit.dtype": short(target) if target else "keep"})
@@ -153,40 +152,3 @@ def metadata_for(source: UNetSource, layout: str, extra: dict[str, str] | None =
         meta["unetkit.time_cond_proj_dim"] = str(source.spec.time_cond_proj_dim)
     meta.update(extra or {})
     return meta
-
-
-class _FileHasher:
-    """sha256 of the source file(s), computed in a thread while the output is written (hashlib releases the
-    GIL on large buffers, so it runs on the second core). Several files (shards) hash as their concatenation."""
-
-    def __init__(self, files: tuple[Path, ...]):
-        self.files = files
-        self._digest: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            h = hashlib.sha256()
-            buf = bytearray(8 << 20)  # one reused buffer: fresh 16 MB reads would page-fault 3 GB of new memory
-            view = memoryview(buf)
-            for f in self.files:
-                with open(f, "rb", buffering=0) as fh:
-                    while n := fh.readinto(view):
-                        h.update(view[:n])
-            self._digest = h.hexdigest()
-        except BaseException as e:  # reported by result()
-            self._error = e
-
-    def result(self) -> str:
-        if self._thread.is_alive() or self._digest is None and self._error is None:
-            if not self._thread.is_alive() and self._thread.ident is None:
-                self._thread.start()
-            self._thread.join()
-        if self._error is not None:
-            raise UnetkitError(f"could not hash the source: {self._error}") from self._error
-        assert self._digest is not None
-        return self._digest

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unetkit.dtypes import parse_dtype, short
-from unetkit.errors import KeyMapError, list_some
+from unetkit.errors import KeyMapError, UnetkitError, list_some
 from unetkit.formats.safetensors_io import ALIGN
 from unetkit.resolve import UNetSource, open_unet
 from unetkit.spec import build_model
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 def default_dtype(source: UNetSource) -> torch.dtype:
     """The floating dtype holding most of the parameters (fp32 for quantized or mixed files)."""
+    if any(e.qtype is not None for e in source.tensors.values()):
+        return torch.float32  # quantized storage decodes to float32
     counts: Counter[torch.dtype] = Counter()
     for entry in source.tensors.values():
         if entry.qtype is None and entry.dtype.is_floating_point:
@@ -45,6 +47,8 @@ def load_unet(
     ema: bool = False,
     config: Mapping[str, Any] | str | Path | None = None,
     align: bool = True,
+    dequantize: str = "load",
+    compute_dtype: str | torch.dtype | None = None,
 ) -> UNet2DConditionModel:
     """Load any SD1.x/2.x UNet file or folder that unetkit reads into a diffusers UNet, strictly.
 
@@ -54,15 +58,24 @@ def load_unet(
     aligned in the file into aligned memory (default), so that the forward output depends only on the weight
     values; ``align=False`` memory-maps everything (faster for files from other writers; CPU kernels may then give
     different last bits than for the same weights elsewhere). Files unetkit writes are aligned: zero-copy either
-    way. Raises ``KeyMapError`` naming every missing,
+    way. GGUF inputs: ``dequantize='load'`` decodes every weight once; ``'on-the-fly'`` keeps Linear and Conv2d
+    weights quantized in memory and decodes them in forward (``compute_dtype``, default ``dtype``); both give the
+    same output bit for bit. Raises ``KeyMapError`` naming every missing,
     unexpected or mis-shaped key; returns the model in eval mode.
     """
     source = path if isinstance(path, UNetSource) else open_unet(path, ema=ema, config=config)
     target = parse_dtype(dtype) or default_dtype(source)
     device = torch.device(device)
+    if compute_dtype is not None:
+        target = parse_dtype(compute_dtype) or target
+    if dequantize not in ("load", "on-the-fly"):
+        raise UnetkitError(f"dequantize={dequantize!r}: use 'load' or 'on-the-fly'")
     model = build_model(source.spec.config, device="meta")
     state = {}
+    swapped = _swap_gguf(model, source, device) if dequantize == "on-the-fly" else set()
     for name, entry in source.tensors.items():
+        if name in swapped:
+            continue
         if align and entry.offset is not None and entry.offset % ALIGN and entry.dtype == target and device.type == "cpu":
             # Not 64-byte aligned in the file (most writers align to 8 only): a memory map would give misaligned
             # weights, and CPU kernels give different last bits on those (see formats/safetensors_io.py), so
@@ -78,9 +91,10 @@ def load_unet(
             t = t.clone()
         state[name] = t
     result = model.load_state_dict(state, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:  # open_unet checked this already; a second line of defence
+    missing = [k for k in result.missing_keys if k not in swapped]
+    if missing or result.unexpected_keys:  # open_unet checked this already; a second line of defence
         raise KeyMapError(
-            f"{source.path}: load failed: missing {list_some(result.missing_keys)}; "
+            f"{source.path}: load failed: missing {list_some(missing)}; "
             f"unexpected {list_some(result.unexpected_keys)}"
         )
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -89,3 +103,27 @@ def load_unet(
     model.eval()
     log.info("loaded %s (%s, %d tensors) as %s on %s", source.path, source.spec.variant, len(state), short(target), device)
     return model
+
+
+def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:
+    """Replace every Linear/Conv2d whose weight is GGUF-quantized by an on-the-fly module; return the tensor names
+    now held by those modules (weights and their biases)."""
+    from torch import nn
+
+    from unetkit.quant.runtime.gguf import swap_module
+
+    done: set[str] = set()
+    for name, entry in source.tensors.items():
+        if entry.qtype is None or entry.raw is None or not name.endswith(".weight"):
+            continue
+        module_name = name[: -len(".weight")]
+        module = model.get_submodule(module_name)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        bias_entry = source.tensors.get(module_name + ".bias")
+        bias = bias_entry.load().float().to(device) if bias_entry is not None else None
+        swap_module(model, module_name, entry.raw().to(device), entry.qtype, entry.shape, entry.stored_shape, bias)
+        done.add(name)
+        if bias_entry is not None:
+            done.add(module_name + ".bias")
+    return done

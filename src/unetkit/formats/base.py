@@ -25,6 +25,9 @@ class TensorEntry:
     nbytes: int = 0
     #: storage type when the stored bytes are not a plain torch dtype (GGUF qtypes); None for plain tensors
     qtype: str | None = None
+    #: quantized tensors: the stored bytes as uint8 (rows, row_bytes), and the stored (maybe reshaped) shape
+    raw: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
+    stored_shape: tuple[int, ...] | None = None
 
     def load(self) -> torch.Tensor:
         """The tensor, memory-mapped where the format allows (no copy; pages stay mapped while referenced)."""

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Throughput of unetkit's GGML codecs against gguf-py's numpy codecs.
+
+For every qtype: encode and decode a random N(0, 0.02) float32 tensor of ``--mb`` megabytes (rows of 4096), one
+warm-up run on a slice, then the median of ``--repeats`` full runs. Throughput is MB/s of float32 *input* (encode) or
+float32 *output* (decode), 1 MB = 10**6 bytes. gguf-py encodes only F16/BF16/Q8_0/Q5_0/Q5_1/Q4_0/Q4_1; K-quants are
+reported as "n/a". Prints a markdown table; ``--json FILE`` also writes the numbers.
+
+    python benchmarks/bench_gguf_codecs.py                 # 64 MB, torch's default thread count
+    python benchmarks/bench_gguf_codecs.py --mb 16 --threads 1 --types Q4_K Q8_0 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from unetkit.quant.gguf import QTYPES, dequantize, qtype_by_name, quantize
+
+ROW = 4096
+NA_KQUANT = "n/a (gguf-py cannot encode K-quants)"
+NA_F32 = "n/a (a no-op view in gguf-py)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, repeats: int, device: torch.device | None = None) -> tuple[float, object]:
+    times = []
+    out = None
+    for _ in range(repeats):
+        if device is not None:
+            _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        if device is not None:
+            _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def _fmt(v: float | str | None) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=float, default=64.0, help="size of the float32 input in MB (default 64)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported")
+    ap.add_argument("--types", nargs="*", default=None, help="qtypes to run (default: all)")
+    ap.add_argument("--device", default="cpu", help="torch device for unetkit (default cpu)")
+    ap.add_argument("--no-gguf", action="store_true", help="skip the gguf-py comparison")
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    qtypes = [qtype_by_name(t) for t in args.types] if args.types else list(QTYPES)
+
+    gq = None
+    if not args.no_gguf:
+        try:
+            import gguf
+            from gguf import quants as gq
+
+            gguf_version = getattr(gguf, "__version__", None)
+            if gguf_version is None:
+                from importlib.metadata import version
+
+                gguf_version = version("gguf")
+        except ImportError:
+            gq, gguf_version = None, None
+    else:
+        gguf_version = None
+
+    rows = max(1, int(args.mb * 1e6 / 4 / ROW))
+    gen = torch.Generator().manual_seed(0)
+    x_cpu = torch.randn(rows, ROW, generator=gen) * 0.02
+    x_np = x_cpu.numpy()
+    x = x_cpu.to(device)
+    mb = x_cpu.numel() * 4 / 1e6
+    warm = x[: max(1, rows // 64)]
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(
+        f"# GGML codec throughput: {mb:.1f} MB float32 input ({rows} x {ROW}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), device {device}, {os.cpu_count()} CPU(s), gguf-py {gguf_version}, "
+        f"load average {load_before}",
+        file=sys.stderr,
+    )
+    results = []
+    for q in qtypes:
+        # unetkit
+        quantize(warm, q)
+        t_enc, packed = _time(lambda: quantize(x, q), args.repeats, device)
+        dequantize(packed[: warm.shape[0]], q, warm.shape)
+        t_dec, y = _time(lambda: dequantize(packed, q, x.shape), args.repeats, device)
+        print(f"  {q.name}: encode {mb / t_enc:.1f} MB/s, decode {mb / t_dec:.1f} MB/s", file=sys.stderr, flush=True)
+        r = {
+            "qtype": q.name,
+            "bits_per_weight": q.bits_per_weight,
+            "unetkit_encode_mbps": mb / t_enc,
+            "unetkit_decode_mbps": mb / t_dec,
+            "gguf_encode_mbps": None,
+            "gguf_decode_mbps": None,
+            "encode_speedup": None,
+            "bytes_equal_gguf": None,
+        }
+        if gq is not None:
+            from gguf import GGMLQuantizationType
+
+            gt = GGMLQuantizationType[q.name]
+            can_encode = q.name in ("F16", "BF16", "Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
+            packed_np = packed.cpu().numpy()
+            if q.name == "F32":  # gguf-py's F32 "quantize"/"dequantize" return views: nothing to time
+                r["gguf_encode_mbps"] = NA_F32
+                r["gguf_decode_mbps"] = NA_F32
+                results.append(r)
+                continue
+            if can_encode:
+                gq.quantize(x_np[: max(1, rows // 64)], gt)
+                t_genc, g_packed = _time(lambda: gq.quantize(x_np, gt), args.repeats)
+                r["gguf_encode_mbps"] = mb / t_genc
+                r["encode_speedup"] = r["unetkit_encode_mbps"] / r["gguf_encode_mbps"]
+                r["bytes_equal_gguf"] = bool(np.array_equal(np.ascontiguousarray(g_packed).view(np.uint8),
+                                                            packed_np.view(np.uint8)))
+            else:
+                r["gguf_encode_mbps"] = NA_KQUANT
+            gq.dequantize(packed_np[: max(1, rows // 64)], gt)
+            t_gdec, g_y = _time(lambda: gq.dequantize(packed_np, gt), args.repeats)
+            r["gguf_decode_mbps"] = mb / t_gdec
+            r["values_equal_gguf"] = bool(np.array_equal(np.ascontiguousarray(g_y, dtype=np.float32).view(np.int32),
+                                                         y.cpu().numpy().view(np.int32)))
+        results.append(r)
+
+    head = ("| qtype | bits/weight | unetkit encode MB/s | gguf-py encode MB/s | encode speed-up | "
+            "unetkit decode MB/s | gguf-py decode MB/s | same bytes / values as gguf-py |")
+    print(head)
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    yes_no = {True: "yes", False: "NO", None: "-"}
+    for r in results:
+        sp = f"{r['encode_speedup']:.1f}x" if isinstance(r["encode_speedup"], float) else "-"
+        same = f"{yes_no[r['bytes_equal_gguf']]} / {yes_no[r.get('values_equal_gguf')]}"
+        print(f"| {r['qtype']} | {r['bits_per_weight']:g} | {_fmt(r['unetkit_encode_mbps'])} | "
+              f"{_fmt(r['gguf_encode_mbps'])} | {sp} | {_fmt(r['unetkit_decode_mbps'])} | "
+              f"{_fmt(r['gguf_decode_mbps'])} | {same} |")
+
+    if args.json:
+        meta = {
+            "input_mb": mb,
+            "rows": rows,
+            "row_elements": ROW,
+            "repeats": args.repeats,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "gguf_py": gguf_version,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        }
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""unetkit quantize IN OUT.gguf --method gguf:Q4_K_M [--flavor comfy|sdcpp|diffusers]."""
+
+from __future__ import annotations
+
+import argparse
+
+from unetkit.cli.common import ByteBar, emit_json, human_bytes, table
+from unetkit.quant.policy import FLAVORS, RECIPES
+from unetkit.quantize import quantize_file
+
+HELP = "quantize a UNet to GGUF (K-quants included) for ComfyUI-GGUF, stable-diffusion.cpp or diffusers"
+DESCRIPTION = f"""Quantize any UNet unetkit reads into a GGUF file, one tensor at a time, with encoders that produce
+exactly ggml's reference bytes. Sensitive tensors (conv_in, conv_out, time embedding: F16; biases and norms: F32)
+stay high-precision by default; every tensor's decision and reason is stored in the file and printed with --json.
+
+recipes: {', '.join('gguf:' + r for r in RECIPES)}
+flavors:
+  comfy      ComfyUI-GGUF (default): LDM names without prefix, general.architecture=sd1; tensors whose last dim
+             does not fit the block are stored as rows of 256 with comfy.gguf.orig_shape, so convolutions quantize
+  sdcpp      stable-diffusion.cpp: model.diffusion_model. names, exact shapes; 3x3 convolutions stay F16
+  diffusers  diffusers 0.42 from_single_file(..., quantization_config=GGUFQuantizationConfig(...)):
+             model.diffusion_model. names, exact shapes, only 2-D Linear weights quantized"""
+EPILOG = """examples:
+  unetkit quantize model.safetensors model-Q4_K_M.gguf --method gguf:Q4_K_M
+  unetkit quantize unet/ model-Q8_0.gguf --method gguf:Q8_0 --flavor sdcpp
+  unetkit quantize lcm.safetensors lcm-Q5.gguf --method gguf:Q5_K_M --keep 'out.*' --override 'attn2.to_k=Q8_0'
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help=HELP, description=DESCRIPTION, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="file or folder to read (any layout, any dtype, GGUF too)")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--method", required=True, help="gguf:<recipe>, e.g. gguf:Q4_K_M (see the list above)")
+    p.add_argument("--flavor", choices=FLAVORS, default="comfy", help="which consumer the file is for")
+    p.add_argument("--keep", action="append", default=[], metavar="GLOB",
+                   help="keep matching tensors (LDM names) in F16/F32; repeatable")
+    p.add_argument("--override", action="append", default=[], metavar="GLOB=QTYPE",
+                   help="force a qtype for matching tensors, e.g. 'attn2.to_v=Q6_K'; repeatable")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--ema", action="store_true", help="quantize the EMA weights of a training checkpoint")
+    p.add_argument("--config", help="a diffusers UNet config.json (or folder) to use instead of the inferred one")
+    p.add_argument("--json", action="store_true", help="print the result (with every decision) as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with ByteBar("quantizing", enabled=not args.json and not args.quiet) as bar:
+        r = quantize_file(args.input, args.output, args.method, flavor=args.flavor, keep=args.keep,
+                          override=args.override, force=args.force, ema=args.ema, config=args.config,
+                          progress=bar.update, on_start=bar.start)
+    if args.json:
+        emit_json(r.to_dict())
+        return 0
+    rows = [[q, str(v["tensors"]), f"{v['parameters']:,}", human_bytes(v["bytes"])] for q, v in r.by_qtype.items()]
+    print(f"wrote {r.output} ({r.method}, flavor {r.flavor}, {r.variant}) in {r.seconds:.1f} s")
+    print(table(rows, ["qtype", "tensors", "parameters", "bytes"]))
+    print(f"file {human_bytes(r.file_bytes)}, {r.bits_per_weight:.2f} bits per weight over {r.parameters:,} parameters")
+    fallbacks = [d for d in r.decisions if d["reason"].startswith("requested")]
+    if fallbacks:
+        print(f"{len(fallbacks)} tensor(s) could not take the requested qtype (kept F16); e.g. "
+              f"{fallbacks[0]['name']}: {fallbacks[0]['reason']}")
+    return 0

@@ -1,0 +1,170 @@
+"""The GGUF quantization policy: a pure function (name, shape, dtype, recipe, flavor) -> Decision.
+
+No I/O, no printing. Every tensor gets exactly one decision with its reason; a tensor that cannot take the
+requested qtype gets an explicit decision saying so (never a silent fallback). Names are LDM names without prefix.
+
+Recipes (what the user asks for) map to a base qtype plus upgrades for the layers quantization hurts most:
+
+| recipe  | base | upgraded layers (attn value projections `to_v`, feed-forward output `ff.net.2`) |
+|---------|------|------------------------------------------------------------------------------|
+| Q5_K_M  | Q5_K | to_v -> Q6_K, ff.net.2 -> Q6_K                                                  |
+| Q5_K_S  | Q5_K | none                                                                          |
+| Q4_K_M  | Q4_K | to_v -> Q6_K, ff.net.2 -> Q5_K                                                  |
+| Q4_K_S  | Q4_K | none                                                                          |
+| Q3_K_M  | Q3_K | to_v -> Q5_K, ff.net.2 -> Q4_K                                                  |
+| Q2_K    | Q2_K | to_v -> Q4_K                                                                  |
+| others  | itself (F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1)                           |
+
+Sensitive tensors stay high-precision by default: conv_in, conv_out and the time embedding in F16; 1-D tensors
+(biases, norms) in F32. ``keep`` globs keep more tensors high-precision; ``override`` globs set a qtype.
+
+Flavors (what the consumer can read):
+- comfy: ComfyUI-GGUF. A tensor whose last dim does not fit the block is stored as rows of 256 (when its size
+  allows) with its real shape in ``comfy.gguf.orig_shape.<name>``: convolutions quantize too.
+- sdcpp: stable-diffusion.cpp. Exact shapes: only tensors whose last dim is a multiple of the block size are
+  quantized (3x3 convolutions stay in F16, with that reason); names must be under 128 bytes (its ggml build).
+- diffusers: diffusers' GGUF loader. Exact shapes, and only 2-D Linear weights are quantized; everything else F16
+  (diffusers 0.42 dequantizes nothing but Linear layers).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from unetkit.errors import QuantError
+from unetkit.quant.gguf.qtypes import qtype_by_name
+
+FLAVORS = ("comfy", "sdcpp", "diffusers")
+RESHAPE_ROW = 256  # ComfyUI-GGUF's row length for reshaped tensors
+SDCPP_MAX_NAME = 127
+
+#: recipe -> (base qtype, {name pattern: upgraded qtype})
+RECIPES: dict[str, tuple[str, dict[str, str]]] = {
+    "F32": ("F32", {}),
+    "F16": ("F16", {}),
+    "BF16": ("BF16", {}),
+    "Q8_0": ("Q8_0", {}),
+    "Q6_K": ("Q6_K", {}),
+    "Q5_0": ("Q5_0", {}),
+    "Q5_1": ("Q5_1", {}),
+    "Q4_0": ("Q4_0", {}),
+    "Q4_1": ("Q4_1", {}),
+    "Q5_K_M": ("Q5_K", {"*.to_v.weight": "Q6_K", "*.ff.net.2.weight": "Q6_K"}),
+    "Q5_K_S": ("Q5_K", {}),
+    "Q4_K_M": ("Q4_K", {"*.to_v.weight": "Q6_K", "*.ff.net.2.weight": "Q5_K"}),
+    "Q4_K_S": ("Q4_K", {}),
+    "Q3_K_M": ("Q3_K", {"*.to_v.weight": "Q5_K", "*.ff.net.2.weight": "Q4_K"}),
+    "Q2_K": ("Q2_K", {"*.to_v.weight": "Q4_K"}),
+}
+
+#: Sensitive tensors (LDM names), kept in F16 by default: the first and last convolutions and the time embedding.
+SENSITIVE = ("input_blocks.0.0.weight", "out.2.weight", "time_embed.*", "time_embedding.*")
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str  # LDM name without prefix
+    qtype: str  # what is stored: F32, F16, BF16, Q8_0, Q4_K, ...
+    shape: tuple[int, ...]  # the tensor's real shape
+    stored_shape: tuple[int, ...]  # the shape in the file (differs for comfy reshapes)
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the user asked: a recipe name, a flavor, and glob overrides."""
+
+    name: str = "Q8_0"
+    flavor: str = "comfy"
+    keep: tuple[str, ...] = ()  # globs kept at high precision
+    override: tuple[tuple[str, str], ...] = field(default=())  # (glob, qtype)
+
+    @staticmethod
+    def parse(name: str, flavor: str = "comfy", keep: Sequence[str] = (), override: Sequence[str] = ()) -> Recipe:
+        key = name.upper().removeprefix("GGUF:")
+        if key not in RECIPES:
+            raise QuantError(f"unknown GGUF recipe {name!r}; known: {', '.join(RECIPES)}")
+        if flavor not in FLAVORS:
+            raise QuantError(f"unknown GGUF flavor {flavor!r}; known: {', '.join(FLAVORS)}")
+        pairs = []
+        for item in override:
+            glob, sep, qt = item.partition("=")
+            if not sep or not glob or not qt:
+                raise QuantError(f"--override {item!r}: expected GLOB=QTYPE, e.g. 'attn2.to_v=Q6_K'")
+            pairs.append((glob, qtype_by_name(qt).name))
+        return Recipe(key, flavor, tuple(keep), tuple(pairs))
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Glob match on the whole name; a pattern without wildcards matches any name containing it as dotted parts
+    (``attn2.to_v`` matches ``...attn2.to_v.weight``)."""
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return f".{pattern}." in f".{name}." or name == pattern
+
+
+def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None) -> Decision:
+    """The decision for one tensor. ``is_linear``: the tensor is an nn.Linear weight (needed by the diffusers
+    flavor; inferred from the shape when None: 2-D means Linear in an SD UNet)."""
+    shape = tuple(int(d) for d in shape)
+    base, upgrades = RECIPES[recipe.name]
+    n = 1
+    for d in shape:
+        n *= d
+
+    def high(qtype: str, reason: str) -> Decision:
+        return Decision(name, qtype, shape, shape, reason)
+
+    for glob, qt in recipe.override:
+        if matches(name, glob):
+            return _fit(name, shape, n, qt, f"override '{glob}={qt}'", recipe)
+    for glob in recipe.keep:
+        if matches(name, glob):
+            return high("F16" if len(shape) > 1 else "F32", f"kept by --keep '{glob}'")
+    if len(shape) <= 1:
+        return high("F32", "1-D tensor (bias or norm): kept in F32")
+    if base in ("F32", "F16", "BF16"):
+        return high(base, f"recipe {recipe.name}")
+    if any(matches(name, g) for g in SENSITIVE):
+        return high("F16", "sensitive layer (conv_in, conv_out or time embedding): kept in F16")
+    if recipe.flavor == "diffusers" and not (is_linear if is_linear is not None else len(shape) == 2):
+        return high("F16", "diffusers flavor: diffusers' GGUF loader dequantizes only nn.Linear weights")
+    qtype, why = base, f"recipe {recipe.name}"
+    for glob, up in upgrades.items():
+        if matches(name, glob):
+            qtype, why = up, f"recipe {recipe.name} upgrades '{glob}' to {up}"
+            break
+    return _fit(name, shape, n, qtype, why, recipe)
+
+
+def _fit(name: str, shape: tuple[int, ...], n: int, qtype: str, why: str, recipe: Recipe) -> Decision:
+    q = qtype_by_name(qtype)
+    if q.block_size == 1 or shape[-1] % q.block_size == 0:
+        return Decision(name, q.name, shape, shape, why)
+    if recipe.flavor == "comfy" and n % RESHAPE_ROW == 0 and RESHAPE_ROW % q.block_size == 0:
+        return Decision(name, q.name, shape, (n // RESHAPE_ROW, RESHAPE_ROW),
+                        f"{why}; stored as rows of {RESHAPE_ROW} (last dim {shape[-1]} does not fit the "
+                        f"{q.block_size}-block), real shape in comfy.gguf.orig_shape")
+    return Decision(name, "F16", shape, shape,
+                    f"requested {q.name}, but the last dim {shape[-1]} is not a multiple of its block size "
+                    f"{q.block_size}" + (" and the size is not a multiple of 256" if recipe.flavor == "comfy" else
+                                         f" and the {recipe.flavor} flavor needs exact shapes") + ": kept in F16")
+
+
+def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe,
+         linear_names: set[str] | None = None) -> list[Decision]:
+    """Decisions for every (LDM name, shape), in order; checks the flavor's name limits."""
+    out = []
+    for name, shape in tensors:
+        if recipe.flavor == "sdcpp" and len(("model.diffusion_model." + name).encode()) > SDCPP_MAX_NAME:
+            raise QuantError(
+                f"tensor name 'model.diffusion_model.{name}' is longer than {SDCPP_MAX_NAME} bytes, the most "
+                "stable-diffusion.cpp's ggml build holds; use --flavor comfy (names without prefix)"
+            )
+        out.append(decide(name, shape, recipe, None if linear_names is None else name in linear_names))
+    return out

@@ -1,0 +1,1 @@
+"""Runtime backends: module swaps that run quantized weights inside a diffusers UNet."""
