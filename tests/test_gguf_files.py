@@ -213,3 +213,19 @@ def test_unknown_recipe_and_flavor(src, tmp_path):
         quantize_file(path, tmp_path / "x.gguf", "gguf:Q7_K")
     with pytest.raises(QuantError, match="flavor"):
         quantize_file(path, tmp_path / "x.gguf", "gguf:Q8_0", flavor="llama")
+
+
+def test_inspect_gguf_shows_flavor_qtypes_and_bits(src, tmp_path):
+    from unetkit.inspect import inspect_file
+
+    _, path = src
+    quantize_file(path, tmp_path / "m.gguf", "gguf:Q4_K_M", flavor="comfy")
+    info = inspect_file(tmp_path / "m.gguf", scan=False)
+    assert info["format"] == "gguf" and info["gguf_flavor"] == "comfy"
+    assert {"Q4_K", "F16", "F32"} <= set(info["dtypes"])
+    assert 4 < info["bits_per_weight"] < 16
+    from unetkit.inspect import gguf_flavor
+
+    src_ = open_unet(tmp_path / "m.gguf")
+    src_.checkpoint.metadata.pop("unetkit.flavor")  # a file from another producer: read from names and shapes
+    assert gguf_flavor(src_).startswith("comfy (no prefix, orig_shape")

@@ -12,6 +12,8 @@ import torch
 from unetkit.dtypes import short
 from unetkit.resolve import open_unet
 
+GGML_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
 
 def inspect_file(
     path: str | Path,
@@ -26,7 +28,8 @@ def inspect_file(
     ckpt = source.checkpoint
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
     for entry in source.tensors.values():
-        row = dtypes[entry.qtype or short(entry.dtype)]
+        label = entry.qtype or (GGML_NAMES.get(entry.dtype) if ckpt.format == "gguf" else None) or short(entry.dtype)
+        row = dtypes[label]
         row["tensors"] += 1
         row["parameters"] += entry.numel
         row["bytes"] += entry.nbytes
@@ -56,6 +59,8 @@ def inspect_file(
         "keys_in_file": len(ckpt.entries) + len(ckpt.non_tensors),
         "unet_tensors": len(source.tensors),
         "parameters": sum(e.numel for e in source.tensors.values()),
+        "bits_per_weight": 8 * sum(e.nbytes for e in source.tensors.values()) / max(1, sum(e.numel for e in source.tensors.values())),
+        "gguf_flavor": gguf_flavor(source) if ckpt.format == "gguf" else None,
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["parameters"])),
         "ignored": [
             {"reason": r, "count": len(keys), "examples": keys[:3]}
@@ -65,6 +70,20 @@ def inspect_file(
         "scanned": scan,
         "suspicious": suspicious,
     }
+
+
+def gguf_flavor(source) -> str:
+    """Which producer's rules a GGUF file follows: what unetkit recorded, else read from names and qtypes."""
+    recorded = source.checkpoint.metadata.get("unetkit.flavor")
+    if recorded:
+        return recorded
+    if not source.prefix:
+        return "comfy (no prefix" + (", orig_shape reshapes)" if any(
+            e.stored_shape and e.stored_shape != e.shape for e in source.tensors.values()) else ")")
+    quantized = [e for e in source.tensors.values() if e.qtype]
+    if quantized and all(len(e.shape) == 2 for e in quantized):
+        return "diffusers-style (prefixed, only 2-D weights quantized)"
+    return "sdcpp (prefixed, exact shapes)"
 
 
 def _problem(t: torch.Tensor) -> str | None:

@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = report["config"]
     print(f"{report['path']}")
     print(f"  format       {report['format']} ({human_bytes(report['file_bytes'])})")
+    if report["gguf_flavor"]:
+        print(f"  gguf flavor  {report['gguf_flavor']}")
     print(f"  layout       {report['layout']}" + (f" under prefix '{report['prefix']}'" if report["prefix"] else ""))
     print(f"  variant      {report['variant']}")
     print(f"  config       {report['config_source']}: block_out_channels={cfg['block_out_channels']}, "
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for a in report["assumptions"]:
         print(f"    assumed    {a}")
     print(f"  tensors      {report['unet_tensors']} UNet tensors, {report['parameters']:,} parameters "
-          f"({report['keys_in_file']} keys in the file)")
+          f"({report['keys_in_file']} keys in the file), {report['bits_per_weight']:.2f} bits per weight")
     rows = [[k, str(v["tensors"]), f"{v['parameters']:,}", human_bytes(v["bytes"])] for k, v in report["dtypes"].items()]
     print("\n" + table(rows, ["dtype", "tensors", "parameters", "bytes"]))
     if report["ignored"]:

@@ -14,11 +14,17 @@ reference encoders byte for byte needs the C code's float32 semantics, which tor
   reproduces it bit for bit, garbage included; ``roundf`` (Q8_0) rounds half away from zero: :func:`roundf`;
 * products keep the C evaluation order (``w*l*x`` is ``(w*l)*x``) and are written out one op at a time; no fused
   multiply-adds (torch's binary ops do not fuse across ops);
-* ``sqrtf`` must be correctly rounded: torch's float32 ``sqrt`` on AVX-512 CPUs is not, so :func:`sqrt_f32` goes
-  through float64 (exact after rounding back);
+* ``sqrtf`` must be correctly rounded, and torch's float32 ``sqrt`` is not always (torch 2.13 on an AVX-512 CPU
+  misrounds about 1 input in 5), so :func:`sqrt_f32` goes through float64 (exact after rounding back);
 * division by a constant is done by a tensor, never a Python number (CUDA turns ``t / 3.0`` into ``t * (1/3.0)``);
 * signed zeros matter where they reach the output (``-0.0`` stored as fp16 is byte 0x80), so maxima that C computes
-  as ``if (v > m) m = v`` starting from ``0`` use :func:`pos_max`.
+  as ``if (v > m) m = v`` starting from ``0`` use :func:`pos_max`, and first-occurrence scans keep their first
+  element (:func:`first_absmax`, :func:`col_absmax`).
+
+Speed notes (CPU): torch's ``where``, comparisons and ``argmax`` are slow next to arithmetic, so selections go
+through :func:`select_` (integer bit ops) and maxima through ``amax``/``amin``; int32 ops get tensor operands
+rather than Python ints; chunk-sized temporaries live in :func:`scratch` buffers (fresh multi-MB allocations cost
+page faults).
 """
 
 from __future__ import annotations

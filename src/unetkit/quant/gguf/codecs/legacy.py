@@ -27,6 +27,7 @@ from unetkit.quant.gguf.codecs.base import (
     fp16_from_bytes,
     roundf,
     scratch,
+    select_,
 )
 from unetkit.quant.gguf.qtypes import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
@@ -38,8 +39,11 @@ _HALF_DOWN = 0.5 - 2.0**-25  # the largest float32 below 0.5
 
 def _inv_scale(d: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``d ? 1.0f/d : 0.0f`` and whether every result is finite (false only for subnormal ``d``)."""
-    inv = torch.where(d != 0, fconst(1.0, d) / d, torch.zeros((), dtype=d.dtype, device=d.device))
-    return inv, bool(torch.isfinite(inv).all())
+    inv = fconst(1.0, d) / d
+    if bool(torch.isfinite(inv).logical_or_(d == 0).all()):
+        return inv.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), True  # only d == 0 gave 1/d = +-inf
+    inv = torch.where(d != 0, inv, torch.zeros((), dtype=d.dtype, device=d.device))
+    return inv, False
 
 
 def _c_int8(v: torch.Tensor) -> torch.Tensor:
@@ -59,7 +63,7 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     mx = x.amax(1)
     mn = x.amin(1)
     nmn = mn.neg()
-    out = torch.where(nmn > mx, mn, mx)
+    out = select_(mx.clone(), nmn > mx, mn)
     tie = (nmn == mx) & (mx > 0)
     if bool(tie.any()):
         rows = tie.nonzero().squeeze(1)
@@ -140,7 +144,7 @@ def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
     q64 = q.contiguous().view(torch.int64)
     bits = (q64 >> 4) & _c64(_BIT4, q)
     packed = (bits * _c64(_PACK_BITS, q)) >> 56  # wrapping int64 product; top byte = the 8 bits
-    return (packed & 0xFF).to(torch.uint8)
+    return packed.to(torch.uint8)  # (the conversion keeps the low byte)
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -160,8 +164,32 @@ def _output(x: torch.Tensor, out: torch.Tensor | None, type_size: int) -> torch.
     return out
 
 
+def _halfwords(out: torch.Tensor) -> torch.Tensor | None:
+    """``out`` (n, type_size) uint8 seen as 16-bit words, when its layout allows (fewer, wider strided copies)."""
+    try:
+        return out.view(torch.int16)
+    except RuntimeError:
+        return None
+
+
+def _put_fp16(out: torch.Tensor, words: torch.Tensor | None, byte: int, v: torch.Tensor) -> None:
+    """Store float32 ``v`` (n,) as fp16 at byte offset ``byte`` (even) of each row."""
+    if words is not None:
+        words.view(torch.float16)[:, byte // 2].copy_(v)
+    else:
+        out[:, byte : byte + 2] = fp16_bytes(v)
+
+
+def _put_bytes(out: torch.Tensor, words: torch.Tensor | None, byte: int, b: torch.Tensor) -> None:
+    """Store bytes ``b`` (n, k) at byte offset ``byte`` (even, k even) of each row."""
+    if words is not None:
+        words[:, byte // 2 : (byte + b.shape[1]) // 2].copy_(b.contiguous().view(torch.int16))
+    else:
+        out[:, byte : byte + b.shape[1]] = b
+
+
 class Q8_0Codec(Codec):
-    """Q8_0: 32 int8 quants and one fp16 scale ``d = max|x| / 127``; ``q = roundf(x / d)``. Bit-exact.
+    """Q8_0: 32 int8 quants and one fp16 scale ``d = max|x| / 127``; ``q = roundf(x * (1/d))``. Bit-exact.
 
     Matches ``quantize_row_q8_0_ref`` / ``dequantize_row_q8_0`` (ggml-quants.c). 34 bytes per 32 elements::
 
@@ -182,7 +210,8 @@ class Q8_0Codec(Codec):
         amax = torch.maximum(x.amax(1), x.amin(1).neg_()).add_(0.0)  # MAX(amax, fabsf(v)) from +0
         d = amax / fconst(127.0, x)
         inv, fast = _inv_scale(d)
-        out[:, :2] = fp16_bytes(d)
+        words = _halfwords(out)
+        _put_fp16(out, words, 0, d)
         q = torch.mul(x, inv[:, None], out=scratch("legacy.q", tuple(x.shape), torch.float32, x.device))
         if fast:  # roundf: add 0.5 - 2**-25 with the sign of q, then truncate (the int8 conversion)
             h = torch.sign(q, out=scratch("legacy.h", tuple(x.shape), torch.float32, x.device))
@@ -203,8 +232,8 @@ class Q8_0Codec(Codec):
 class Q4_0Codec(Codec):
     """Q4_0: 32 4-bit quants, fp16 scale ``d = max / -8`` (``max``: the signed value of largest magnitude).
 
-    ``q = MIN(15, (int8_t)(x/d + 8.5))``, element = ``(q - 8) * d``. Bit-exact; matches ``quantize_row_q4_0_ref`` /
-    ``dequantize_row_q4_0``. 18 bytes per 32 elements::
+    ``q = MIN(15, (int8_t)(x*id + 8.5))`` with ``id = 1/d``, element = ``(q - 8) * d``. Bit-exact; matches
+    ``quantize_row_q4_0_ref`` / ``dequantize_row_q4_0``. 18 bytes per 32 elements::
 
         byte  0      2                                     18
              +------+-------------------------------------+
@@ -223,8 +252,9 @@ class Q4_0Codec(Codec):
         d = _signed_absmax(x) / fconst(-8.0, x)
         inv, fast = _inv_scale(d)
         q = _quants(x, None, inv, 8.5, 15, fast)
-        out[:, :2] = fp16_bytes(d)
-        out[:, 2:] = _nibbles(q, False, fast)
+        words = _halfwords(out)
+        _put_fp16(out, words, 0, d)
+        _put_bytes(out, words, 2, _nibbles(q, False, fast))
         return out
 
     @staticmethod
@@ -237,7 +267,7 @@ class Q4_0Codec(Codec):
 class Q4_1Codec(Codec):
     """Q4_1: 32 4-bit quants with fp16 scale ``d = (max - min) / 15`` and fp16 offset ``m = min``.
 
-    ``q = MIN(15, (int8_t)((x - min)/d + 0.5))``, element = ``q * d + m``. Bit-exact; matches
+    ``q = MIN(15, (int8_t)((x - min)*id + 0.5))`` with ``id = 1/d``, element = ``q * d + m``. Bit-exact; matches
     ``quantize_row_q4_1_ref`` / ``dequantize_row_q4_1``. 20 bytes per 32 elements::
 
         byte  0      2      4                               20
@@ -258,9 +288,10 @@ class Q4_1Codec(Codec):
         d = (mx - mn) / fconst(15.0, x)
         inv, fast = _inv_scale(d)
         q = _quants(x, mn, inv, 0.5, 15, fast)
-        out[:, :2] = fp16_bytes(d)
-        out[:, 2:4] = fp16_bytes(mn)
-        out[:, 4:] = _nibbles(q, False, fast)
+        words = _halfwords(out)
+        _put_fp16(out, words, 0, d)
+        _put_fp16(out, words, 2, mn)
+        _put_bytes(out, words, 4, _nibbles(q, False, fast))
         return out
 
     @staticmethod
@@ -272,7 +303,7 @@ class Q4_1Codec(Codec):
 
 
 class Q5_0Codec(Codec):
-    """Q5_0: 32 5-bit quants, fp16 scale ``d = max / -16``; ``q = MIN(31, (int8_t)(x/d + 16.5))``.
+    """Q5_0: 32 5-bit quants, fp16 scale ``d = max / -16``; ``q = MIN(31, (int8_t)(x*id + 16.5))``, ``id = 1/d``.
 
     Element = ``(q - 16) * d``. Bit-exact; matches ``quantize_row_q5_0_ref`` / ``dequantize_row_q5_0``.
     22 bytes per 32 elements::
@@ -295,9 +326,10 @@ class Q5_0Codec(Codec):
         d = _signed_absmax(x) / fconst(-16.0, x)
         inv, fast = _inv_scale(d)
         q = _quants(x, None, inv, 16.5, 31, fast)
-        out[:, :2] = fp16_bytes(d)
-        out[:, 2:6] = _fifth_bits(q)
-        out[:, 6:] = _nibbles(q, True, fast)
+        words = _halfwords(out)
+        _put_fp16(out, words, 0, d)
+        _put_bytes(out, words, 2, _fifth_bits(q))
+        _put_bytes(out, words, 6, _nibbles(q, True, fast))
         return out
 
     @staticmethod
@@ -308,7 +340,7 @@ class Q5_0Codec(Codec):
 
 
 class Q5_1Codec(Codec):
-    """Q5_1: 32 5-bit quants, fp16 ``d = (max - min) / 31`` and fp16 ``m = min``; ``q = (uint8_t)((x-min)/d + 0.5)``.
+    """Q5_1: 32 5-bit quants, fp16 ``d = (max - min)/31``, fp16 ``m = min``; ``q = (uint8_t)((x - min)*id + 0.5)``.
 
     Element = ``q * d + m``. Bit-exact; matches ``quantize_row_q5_1_ref`` / ``dequantize_row_q5_1``.
     24 bytes per 32 elements::
@@ -332,10 +364,11 @@ class Q5_1Codec(Codec):
         d = (mx - mn) / fconst(31.0, x)
         inv, fast = _inv_scale(d)
         q = _quants(x, mn, inv, 0.5, None, fast)
-        out[:, :2] = fp16_bytes(d)
-        out[:, 2:4] = fp16_bytes(mn)
-        out[:, 4:8] = _fifth_bits(q)
-        out[:, 8:] = _nibbles(q, True, fast)
+        words = _halfwords(out)
+        _put_fp16(out, words, 0, d)
+        _put_fp16(out, words, 2, mn)
+        _put_bytes(out, words, 4, _fifth_bits(q))
+        _put_bytes(out, words, 8, _nibbles(q, True, fast))
         return out
 
     @staticmethod
