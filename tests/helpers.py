@@ -10,6 +10,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from unetkit.keymap import KeyMap, Topology
+from unetkit.sample import example_inputs
 
 TINY_CHANNELS = [32, 64, 128, 128]
 
@@ -68,16 +69,7 @@ def save_ldm(model: UNet2DConditionModel, path: Path, prefix: str = "model.diffu
 
 
 def inputs(model: UNet2DConditionModel, seed: int = 1, size: int = 16) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    args = {
-        "sample": torch.randn(1, cfg.in_channels, size, size, generator=g),
-        "timestep": torch.tensor([500]),
-        "encoder_hidden_states": torch.randn(1, 7, cfg.cross_attention_dim, generator=g),
-    }
-    if cfg.time_cond_proj_dim:
-        args["timestep_cond"] = torch.randn(1, cfg.time_cond_proj_dim, generator=g)
-    return args
+    return example_inputs(model, size=size, tokens=7, seed=seed, timestep=500)
 
 
 @torch.no_grad()

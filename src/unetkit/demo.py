@@ -25,6 +25,7 @@ from unetkit import convert, inspect_file, load_unet, open_unet
 from unetkit.errors import UnetkitError
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
 from unetkit.keymap import KeyMap, Topology
+from unetkit.sample import example_inputs
 from unetkit.spec import expected_shapes
 
 SD15_LCM = dict(
@@ -64,24 +65,11 @@ def done(t0: float, msg: str = "") -> None:
     print(f"   {msg}{' ' if msg else ''}({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
-def demo_inputs(unet, size: int, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    args = {
-        "sample": torch.randn(1, cfg.in_channels, size, size, generator=g),
-        "timestep": torch.tensor([499]),
-        "encoder_hidden_states": torch.randn(1, 77, cfg.cross_attention_dim, generator=g),
-    }
-    if cfg.time_cond_proj_dim:
-        args["timestep_cond"] = torch.randn(1, cfg.time_cond_proj_dim, generator=g)
-    return args
-
-
 @torch.no_grad()
 def run_forward(path, size: int) -> torch.Tensor:
     unet = load_unet(path, dtype=torch.float32)
     assert not any(p.is_meta for p in unet.parameters())
-    out = unet(**demo_inputs(unet, size)).sample
+    out = unet(**example_inputs(unet, size)).sample
     del unet
     gc.collect()
     return out
@@ -170,7 +158,7 @@ def diffusers_single_file_outcome(src: Path, config_dir: Path, ref: torch.Tensor
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     try:
         with torch.no_grad():
-            o = unet(**demo_inputs(unet, size)).sample
+            o = unet(**example_inputs(unet, size)).sample
     except Exception as e:
         return f"loaded, but the forward failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     meta = [n for n, p in unet.named_parameters() if p.is_meta]

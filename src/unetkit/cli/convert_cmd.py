@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unetkit.cli.common import ByteBar, emit_json, human_bytes
+from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes
 from unetkit.convert import convert
 
 HELP = "convert between the LDM single-file layout and a diffusers UNet folder, bit-exact"
@@ -35,10 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="--to ldm: put names under model.diffusion_model. (default)")
     p.add_argument("--no-prefix", dest="prefix", action="store_false",
                    help="--to ldm: bare LDM names (ComfyUI diffusion_models style)")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--ema", action="store_true", help="convert the EMA weights (model_ema.*) of a training checkpoint")
-    p.add_argument("--config", help="a diffusers UNet config.json (or folder) to use instead of the inferred config")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_source_options(p, "convert")
     p.set_defaults(run=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unetkit.cli.common import ByteBar, emit_json, human_bytes, table
+from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes, table
 from unetkit.quant.policy import FLAVORS, RECIPES
 from unetkit.quantize import quantize_file
 
@@ -38,10 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep matching tensors (LDM names) in F16/F32; repeatable")
     p.add_argument("--override", action="append", default=[], metavar="GLOB=QTYPE",
                    help="force a qtype for matching tensors, e.g. 'attn2.to_v=Q6_K'; repeatable")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--ema", action="store_true", help="quantize the EMA weights of a training checkpoint")
-    p.add_argument("--config", help="a diffusers UNet config.json (or folder) to use instead of the inferred one")
-    p.add_argument("--json", action="store_true", help="print the result (with every decision) as JSON")
+    add_source_options(p, "quantize")
     p.set_defaults(run=run)
 
 

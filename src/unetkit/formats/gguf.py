@@ -142,7 +142,8 @@ def read_gguf(path: Path) -> Checkpoint:
             continue
         try:
             value = field.contents()
-        except (ValueError, IndexError):
+        except (ValueError, IndexError) as e:  # kept, with why, rather than dropped without a word
+            metadata[key] = f"<not decodable by gguf-py: {e}>"
             continue
         if key.startswith(ORIG_SHAPE_KEY):
             orig_shapes[key[len(ORIG_SHAPE_KEY) :]] = tuple(int(x) for x in value)
