@@ -17,6 +17,8 @@ x86-64 build of ggml stores for the resulting inf/NaN conversions (0 after trunc
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from unetkit.quant.gguf.codecs.base import (
@@ -32,6 +34,8 @@ from unetkit.quant.gguf.codecs.base import (
 from unetkit.quant.gguf.qtypes import Q4_0, Q4_1, Q5_0, Q5_1, Q8_0
 
 __all__ = ["Q8_0Codec", "Q4_0Codec", "Q4_1Codec", "Q5_0Codec", "Q5_1Codec"]
+
+assert sys.byteorder == "little", "the GGML codecs read multi-byte words in little-endian order"
 
 _INT_MIN = -2147483648.0
 _HALF_DOWN = 0.5 - 2.0**-25  # the largest float32 below 0.5
@@ -114,7 +118,6 @@ def _quants(x: torch.Tensor, mn: torch.Tensor | None, inv: torch.Tensor, offset:
 
 
 _LOW_NIBBLES = 0x0F0F0F0F0F0F0F0F
-_BIT4 = 0x0101010101010101
 _PACK_BITS = 0x0102040810204080  # (bytes of 0/1) * this >> 56: byte b becomes bit b
 
 
@@ -139,12 +142,17 @@ def _nibbles(q: torch.Tensor, mask: bool, fast: bool) -> torch.Tensor:
     return (lo | (hi << 4)).view(torch.uint8)
 
 
-def _fifth_bits(q: torch.Tensor) -> torch.Tensor:
-    """Bit 4 of each of the 32 quants -> little-endian uint32 ``qh`` (element j at bit j), as 4 bytes."""
-    q64 = q.contiguous().view(torch.int64)
-    bits = (q64 >> 4) & _c64(_BIT4, q)
-    packed = (bits * _c64(_PACK_BITS, q)) >> 56  # wrapping int64 product; top byte = the 8 bits
-    return packed.to(torch.uint8)  # (the conversion keeps the low byte)
+def _fifth_bits(q: torch.Tensor, fast: bool) -> torch.Tensor:
+    """Bit 4 of each of the 32 quants -> little-endian uint32 ``qh`` (element j at bit j), as 4 bytes.
+
+    Eight 0/1 bytes read as one int64, times 0x0102040810204080, hold the 8 bits in their top byte (the partial
+    products never collide, and the wrapped-off part is discarded).
+    """
+    bits = q.view(torch.uint8) >> 4  # 0/1 on the fast path (quants <= 31)
+    if not fast:
+        bits &= 1
+    packed = bits.view(torch.int64) * _c64(_PACK_BITS, q)
+    return packed.view(torch.uint8).view(-1, 4, 8)[:, :, 7]  # the top byte of each little-endian int64
 
 
 def _unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -328,7 +336,7 @@ class Q5_0Codec(Codec):
         q = _quants(x, None, inv, 16.5, 31, fast)
         words = _halfwords(out)
         _put_fp16(out, words, 0, d)
-        _put_bytes(out, words, 2, _fifth_bits(q))
+        _put_bytes(out, words, 2, _fifth_bits(q, fast))
         _put_bytes(out, words, 6, _nibbles(q, True, fast))
         return out
 
@@ -367,7 +375,7 @@ class Q5_1Codec(Codec):
         words = _halfwords(out)
         _put_fp16(out, words, 0, d)
         _put_fp16(out, words, 2, mn)
-        _put_bytes(out, words, 4, _fifth_bits(q))
+        _put_bytes(out, words, 4, _fifth_bits(q, fast))
         _put_bytes(out, words, 8, _nibbles(q, True, fast))
         return out
 
