@@ -1,6 +1,7 @@
 """GGUF files: every flavor writes, reads back and runs; files shaped like other producers' load; bad files fail
 with a clear FormatError."""
 
+import hashlib
 import struct
 
 import numpy as np
@@ -33,6 +34,9 @@ def test_each_flavor_writes_reads_and_runs(src, flavor, tmp_path):
     out = tmp_path / "m.gguf"
     r = quantize_file(path, out, "gguf:Q8_0", flavor=flavor)
     assert r.tensors == len(model.state_dict()) and out.stat().st_size == r.file_bytes
+    # the source hash, computed while the tensors were written, is patched into the header
+    meta = read_gguf(out).metadata
+    assert meta["unetkit.source_sha256"] == r.source_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     source = open_unet(out)
     assert source.spec.variant == r.variant
     names = list(source.checkpoint.entries)

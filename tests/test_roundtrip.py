@@ -79,3 +79,26 @@ def test_input_is_never_modified(tmp_path):
     convert(src, tmp_path / "unet", to="diffusers")
     convert(src, tmp_path / "x.safetensors", to="ldm", dtype="bf16")
     assert (src.read_bytes(), src.stat().st_mtime_ns) == before
+
+
+def test_source_sha256_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    monkeypatch.setenv("UNETKIT_CACHE_DIR", str(tmp_path / "cache"))
+    src = save_ldm(tiny_unet(), tmp_path / "in.safetensors")
+    first = convert(src, tmp_path / "a.safetensors", to="ldm")
+    second = convert(src, tmp_path / "b.safetensors", to="ldm")
+    assert not first.source_sha256_cached and second.source_sha256_cached
+    assert first.source_sha256 == second.source_sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    # same size, new bytes, new mtime: hashed again, never the stale digest
+    data = bytearray(src.read_bytes())
+    data[-1] ^= 0xFF
+    src.write_bytes(bytes(data))
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    third = convert(src, tmp_path / "c.safetensors", to="ldm")
+    assert not third.source_sha256_cached
+    assert third.source_sha256 == hashlib.sha256(bytes(data)).hexdigest() != first.source_sha256
+    monkeypatch.setenv("UNETKIT_HASH_CACHE", "0")
+    assert not convert(src, tmp_path / "d.safetensors", to="ldm").source_sha256_cached

@@ -41,6 +41,7 @@ class ConvertResult:
     tensors_converted: int  # tensors whose dtype changed
     dtype: str
     source_sha256: str
+    source_sha256_cached: bool = False  # remembered from an earlier run on the unchanged file (see formats.hashing)
     ignored: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -105,6 +106,7 @@ def convert(
         tensors_converted=changed,
         dtype=short(target) if target else "keep",
         source_sha256=hasher.result(),
+        source_sha256_cached=hasher.cached,
         ignored=dict(source.ignored),
         seconds=time.perf_counter() - t0,
     )

@@ -23,6 +23,7 @@ from unetkit.formats.base import TensorEntry
 from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, write_gguf
 from unetkit.formats.hashing import FileHasher
 from unetkit.quant.policy import Decision, Recipe, plan
+from unetkit.convert import SHA_PLACEHOLDER
 from unetkit.resolve import METADATA_CONFIG_KEY, open_unet
 
 LDM_PREFIX = "model.diffusion_model."
@@ -85,7 +86,6 @@ def quantize_file(
         if dec.stored_shape != dec.shape:
             kv[ORIG_SHAPE_KEY + written] = list(dec.shape)
     hasher = FileHasher(source.checkpoint.files)
-    hasher.start()
     meta = {
         "unetkit.version": unetkit.__version__,
         "unetkit.method": f"gguf:{recipe.name}",
@@ -100,11 +100,13 @@ def quantize_file(
     total = sum(t.nbytes for t in tensors)
     if on_start:
         on_start(total)
+    # the header is written first; the source hash, computed meanwhile on the other core, is patched in at the end
+    meta["unetkit.source_sha256"] = SHA_PLACEHOLDER
+    hasher.start()
     with atomic_output(out, force=force) as tmp:
-        # the source hash is needed in the header, which is written first: finish hashing before writing
-        meta["unetkit.source_sha256"] = hasher.result()
-        write_gguf(tmp, tensors, {**meta, **kv}, arch="sd1", progress=progress)
-    return summarize(out, recipe, source.spec.variant, decisions, tensors, meta["unetkit.source_sha256"],
+        write_gguf(tmp, tensors, {**meta, **kv}, arch="sd1", progress=progress,
+                   final_kv=lambda: {"unetkit.source_sha256": hasher.result()})
+    return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(),
                      time.perf_counter() - t0)
 
 

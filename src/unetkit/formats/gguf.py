@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -207,9 +208,12 @@ class GGUFOut:
         self.nbytes = n_bytes(qtype, self.stored_shape)
 
 
-def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str = "sd1", progress=None) -> None:
+def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str = "sd1", progress=None,
+               final_kv: Callable[[], dict[str, str]] | None = None) -> None:
     """Stream ``tensors`` into a GGUF file with gguf-py's writer, one tensor produced and written at a time.
-    ``kv`` values: str, int, float, bool, or a list of ints (written as an INT32 array)."""
+    ``kv`` values: str, int, float, bool, or a list of ints (written as an INT32 array). ``final_kv()``, called
+    after the last tensor, gives string values known only then (a hash computed meanwhile); each replaces, in
+    place, the placeholder of the same length that ``kv`` holds under that key."""
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
     writer = GGUFWriter(str(path), arch)
@@ -245,3 +249,20 @@ def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str
         if progress:
             progress(t.nbytes)
     writer.close()
+    if final_kv is not None:
+        patch_strings(path, final_kv())
+
+
+def patch_strings(path: Path, values: dict[str, str], search_bytes: int = 64 << 20) -> None:
+    """Overwrite string KV values in a written GGUF header, in place; each new value has its placeholder's length."""
+    with open(path, "r+b") as fh:
+        head = fh.read(search_bytes)
+        for key, value in values.items():
+            k = key.encode()
+            v = value.encode()
+            marker = struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v))  # 8 = GGUF string type
+            at = head.find(marker)
+            if at < 0:
+                raise FormatError(f"{path}: internal error: no string placeholder of {len(v)} bytes for {key!r}")
+            fh.seek(at + len(marker))
+            fh.write(v)
