@@ -72,11 +72,20 @@ def run_worker(script: Path, task: str, *args: str) -> dict:
     return rec
 
 
-def run_command(cmd: list[str]) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+def run_command(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run a command; wall time and that process's own peak RSS. The RSS comes from GNU time, a small C
+    program: measured from this Python process, a child's maxrss would include the parent's pages (fork)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        wall = time.perf_counter() - t0
+        text = rss_file.read().strip().splitlines()
     rec = {"seconds": wall, "process_s": wall}
+    if text and text[-1].isdigit():
+        rec["peak_rss_mb"] = int(text[-1]) / 1024
     if proc.returncode != 0:
         rec["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
     return rec
@@ -107,6 +116,9 @@ def repeat(fn, repeats: int, cleanup=None, warmup: bool = True) -> dict:
     rss = [r["peak_rss_mb"] for r in runs if "peak_rss_mb" in r]
     if rss:
         out["peak_rss_mb"] = max(rss)
+    base = [r["base_rss_mb"] for r in runs if "base_rss_mb" in r]
+    if base:
+        out["base_rss_mb"] = min(base)
     return out
 
 
@@ -114,6 +126,12 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_now_mb() -> float:
+    """Current resident set size of this process, MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
 
 
 def machine() -> dict:

@@ -204,6 +204,9 @@ def _write_tensor(out, t: OutTensor, path: Path) -> None:
         out.write(memoryview(tensor.view(torch.uint8).numpy()))
 
 
+COPY_CHUNK = 8 << 20
+
+
 def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
     out.flush()
     with open(src, "rb") as f:
@@ -215,7 +218,10 @@ def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
             n = 0
             if use_kernel:
                 try:
-                    n = os.copy_file_range(fd_in, fd_out, nbytes - done, offset + done, pos_out + done)
+                    # in chunks, as cp does: one multi-GB call is 2.5x slower here (ext4, measured: 3.2 s vs 1.27 s
+                    # for 3.4 GB), the kernel dirtying the whole range before writeback can pace it
+                    n = os.copy_file_range(fd_in, fd_out, min(COPY_CHUNK, nbytes - done), offset + done,
+                                           pos_out + done)
                 except OSError:
                     use_kernel = False
             if not use_kernel:
