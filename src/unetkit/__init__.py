@@ -18,6 +18,7 @@ from unetkit.errors import (  # noqa: E402
 from unetkit.convert import ConvertResult, convert  # noqa: E402
 from unetkit.inspect import inspect_file  # noqa: E402
 from unetkit.load import load_unet  # noqa: E402
+from unetkit.quantize import quantize, save_quantized  # noqa: E402  (``unetkit.quantize`` is the function)
 from unetkit.resolve import UNetSource, open_unet  # noqa: E402
 from unetkit.spec import UNetSpec  # noqa: E402
 
@@ -30,6 +31,8 @@ __all__ = [
     "inspect_file",
     "load_unet",
     "open_unet",
+    "quantize",
+    "save_quantized",
     "BackendUnavailable",
     "FormatError",
     "KeyMapError",

@@ -3,7 +3,8 @@
 Default input: a seeded UNet with SD1.5's full architecture and LCM's cond_proj, random weights (no real weights
 can be downloaded here), written as an LDM single file in fp16 the way community LCM checkpoints ship. Steps:
 inspect -> convert to diffusers -> convert back to LDM -> byte-for-byte comparison -> strict loads -> forward
-outputs compared bit for bit -> what diffusers' own from_single_file does with the same file.
+outputs compared bit for bit -> what diffusers' own from_single_file does with the same file -> GGUF Q8_0 and
+Q4_K_M, run on the fly, with their size and output SQNR.
 
     python -m unetkit.demo                       # built-in default
     python -m unetkit.demo path/to/model.safetensors
@@ -25,6 +26,8 @@ from unetkit import convert, inspect_file, load_unet, open_unet
 from unetkit.errors import UnetkitError
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
 from unetkit.keymap import KeyMap, Topology
+from unetkit.metrics import compare
+from unetkit.quantize import quantize_file
 from unetkit.sample import example_inputs
 from unetkit.spec import expected_shapes
 
@@ -66,8 +69,8 @@ def done(t0: float, msg: str = "") -> None:
 
 
 @torch.no_grad()
-def run_forward(path, size: int) -> torch.Tensor:
-    unet = load_unet(path, dtype=torch.float32)
+def run_forward(path, size: int, dequantize: str = "load") -> torch.Tensor:
+    unet = load_unet(path, dtype=torch.float32, dequantize=dequantize)
     assert not any(p.is_meta for p in unet.parameters())
     out = unet(**example_inputs(unet, size)).sample
     del unet
@@ -142,6 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         t0 = step("6. for comparison: diffusers' from_single_file on the same file")
         print("   " + diffusers_single_file_outcome(src, out / "unet_diffusers", ref, args.size))
         done(t0)
+
+        step("7. GGUF: unetkit quantize (ComfyUI flavor), reload on the fly (weights stay packed), forward")
+        for recipe in ("Q8_0", "Q4_K_M"):
+            t0 = time.perf_counter()
+            path = out / f"unet_{recipe}.gguf"
+            q = quantize_file(src, path, f"gguf:{recipe}", force=True)
+            t1 = time.perf_counter()
+            o = run_forward(path, args.size, dequantize="on-the-fly")
+            kinds = ", ".join(f"{k} {v['tensors']}" for k, v in q.by_qtype.items())
+            print(f"   {recipe:7s} {q.file_bytes / 2**20:6.0f} MiB ({src.stat().st_size / q.file_bytes:.1f}x smaller), "
+                  f"{q.bits_per_weight:.2f} bits/weight; tensors: {kinds}")
+            print(f"           quantized in {t1 - t0:.1f} s; on-the-fly output vs original: {compare(ref, o)}")
+        print("   (lossy by design: the figure to read is the SQNR; bit-exactness of the codecs is tested against ggml)")
     except UnetkitError as e:
         print(f"\nunetkit error: {e}", file=sys.stderr)
         return e.exit_code

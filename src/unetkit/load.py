@@ -60,9 +60,17 @@ def load_unet(
     different last bits than for the same weights elsewhere). Files unetkit writes are aligned: zero-copy either
     way. GGUF inputs: ``dequantize='load'`` decodes every weight once; ``'on-the-fly'`` keeps Linear and Conv2d
     weights quantized in memory and decodes them in forward (``compute_dtype``, default ``dtype``); both give the
-    same output bit for bit. Raises ``KeyMapError`` naming every missing,
-    unexpected or mis-shaped key; returns the model in eval mode.
+    same output bit for bit. A folder written by ``unetkit quantize --method torchao:...|quanto:...`` (it holds
+    ``unetkit_quant.json``) is rebuilt with its quantized weights as stored, never re-quantized. Raises
+    ``KeyMapError`` naming every missing, unexpected or mis-shaped key; returns the model in eval mode.
     """
+    if not isinstance(path, UNetSource) and _is_quantized_dir(path):
+        # a folder written by `unetkit quantize --method torchao:...|quanto:...`: rebuilt, never re-quantized
+        from unetkit.quant.runtime.quantized_dir import load_quantized
+
+        if ema or config is not None or dequantize != "load" or compute_dtype is not None:
+            raise UnetkitError(f"{path}: a quantized folder takes no ema/config/dequantize/compute_dtype options")
+        return load_quantized(path, dtype=dtype, device=device)
     source = path if isinstance(path, UNetSource) else open_unet(path, ema=ema, config=config)
     target = parse_dtype(dtype) or default_dtype(source)
     device = torch.device(device)
@@ -103,6 +111,12 @@ def load_unet(
     model.eval()
     log.info("loaded %s (%s, %d tensors) as %s on %s", source.path, source.spec.variant, len(state), short(target), device)
     return model
+
+
+def _is_quantized_dir(path: str | Path) -> bool:
+    from unetkit.quant.runtime.quantized_dir import is_quantized_dir
+
+    return is_quantized_dir(path)
 
 
 def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:

@@ -1,4 +1,5 @@
-"""unetkit quantize IN OUT.gguf --method gguf:Q4_K_M [--flavor comfy|sdcpp|diffusers]."""
+"""unetkit quantize IN OUT.gguf --method gguf:Q4_K_M [--flavor comfy|sdcpp|diffusers]
+unetkit quantize IN OUTDIR --method torchao:int8-weight-only|quanto:qint8|... [--include GLOB] [--exclude GLOB]."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import argparse
 
 from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes, table
 from unetkit.quant.policy import FLAVORS, RECIPES
-from unetkit.quantize import quantize_file
+from unetkit.errors import UnetkitError
+from unetkit.quantize import GGUF_METHOD, quantize_file, quantize_to_dir
 
-HELP = "quantize a UNet to GGUF (K-quants included) for ComfyUI-GGUF, stable-diffusion.cpp or diffusers"
+HELP = "quantize a UNet to GGUF (K-quants included), or with torchao / optimum-quanto to a reloadable folder"
 DESCRIPTION = f"""Quantize any UNet unetkit reads into a GGUF file, one tensor at a time, with encoders that produce
 exactly ggml's reference bytes. Sensitive tensors (conv_in, conv_out, time embedding: F16; biases and norms: F32)
 stay high-precision by default; every tensor's decision and reason is stored in the file and printed with --json.
@@ -19,11 +21,21 @@ flavors:
              does not fit the block are stored as rows of 256 with comfy.gguf.orig_shape, so convolutions quantize
   sdcpp      stable-diffusion.cpp: model.diffusion_model. names, exact shapes; 3x3 convolutions stay F16
   diffusers  diffusers 0.42 from_single_file(..., quantization_config=GGUFQuantizationConfig(...)):
-             model.diffusion_model. names, exact shapes, only 2-D Linear weights quantized"""
+             model.diffusion_model. names, exact shapes, only 2-D Linear weights quantized
+
+runtime methods (OUTPUT is a folder that unetkit.load_unet(OUTPUT) reloads without re-quantizing):
+  torchao:int8-weight-only, torchao:int8-dynamic, torchao:float8-weight-only, torchao:int4-weight-only (CUDA),
+  quanto:qint8, quanto:qint4, quanto:qint2, quanto:qfloat8
+  Every Linear and Conv2d is a candidate. Kept by default: conv_in, conv_out, time_embedding (incl. LCM's
+  cond_proj), norms. --exclude GLOB keeps a module; else --include GLOB quantizes it (defaults included);
+  else, when --include is given, the module is kept; else the defaults apply. Globs match diffusers module
+  names (fnmatch; a name without wildcards matches as dotted parts, e.g. attn2.to_v)."""
 EPILOG = """examples:
   unetkit quantize model.safetensors model-Q4_K_M.gguf --method gguf:Q4_K_M
   unetkit quantize unet/ model-Q8_0.gguf --method gguf:Q8_0 --flavor sdcpp
   unetkit quantize lcm.safetensors lcm-Q5.gguf --method gguf:Q5_K_M --keep 'out.*' --override 'attn2.to_k=Q8_0'
+  unetkit quantize model.safetensors unet-int8/ --method torchao:int8-weight-only
+  unetkit quantize unet/ unet-q4/ --method quanto:qint4 --exclude 'up_blocks.3.*' --json
 """
 
 
@@ -31,18 +43,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help=HELP, description=DESCRIPTION, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="file or folder to read (any layout, any dtype, GGUF too)")
-    p.add_argument("output", help="the .gguf file to write")
-    p.add_argument("--method", required=True, help="gguf:<recipe>, e.g. gguf:Q4_K_M (see the list above)")
+    p.add_argument("output", help="the .gguf file to write (gguf:), or the folder to write (torchao:, quanto:)")
+    p.add_argument("--method", required=True,
+                   help="gguf:<recipe>, torchao:<scheme> or quanto:<qtype>, e.g. gguf:Q4_K_M (see the lists above)")
     p.add_argument("--flavor", choices=FLAVORS, default="comfy", help="which consumer the file is for")
     p.add_argument("--keep", action="append", default=[], metavar="GLOB",
                    help="keep matching tensors (LDM names) in F16/F32; repeatable")
     p.add_argument("--override", action="append", default=[], metavar="GLOB=QTYPE",
                    help="force a qtype for matching tensors, e.g. 'attn2.to_v=Q6_K'; repeatable")
+    p.add_argument("--include", action="append", default=None, metavar="GLOB",
+                   help="torchao/quanto: quantize only matching modules (diffusers names); repeatable")
+    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                   help="torchao/quanto: keep matching modules in float (wins over --include); repeatable")
     add_source_options(p, "quantize")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.method.lower().startswith(GGUF_METHOD):
+        return run_runtime(args)
+    if args.include or args.exclude:
+        raise UnetkitError("--include/--exclude are for torchao:/quanto: methods; GGUF uses --keep/--override")
     with ByteBar("quantizing", enabled=not args.json and not args.quiet) as bar:
         r = quantize_file(args.input, args.output, args.method, flavor=args.flavor, keep=args.keep,
                           override=args.override, force=args.force, ema=args.ema, config=args.config,
@@ -58,4 +79,25 @@ def run(args: argparse.Namespace) -> int:
     if fallbacks:
         print(f"{len(fallbacks)} tensor(s) could not take the requested qtype (kept F16); e.g. "
               f"{fallbacks[0]['name']}: {fallbacks[0]['reason']}")
+    return 0
+
+
+def run_runtime(args: argparse.Namespace) -> int:
+    if args.keep or args.override or args.flavor != "comfy":
+        raise UnetkitError(f"--keep/--override/--flavor are for gguf: methods; {args.method} uses --include/--exclude")
+    r = quantize_to_dir(args.input, args.output, args.method, include=args.include, exclude=args.exclude,
+                        force=args.force, ema=args.ema, config=args.config)
+    if args.json:
+        emit_json({"output": args.output, **r.to_dict()})
+        return 0
+    rows = [[kind, f"{v['modules_quantized']}/{v['modules_quantized'] + v['modules_kept']}",
+             f"{v['params_quantized']:,}", f"{v['params_kept']:,}"] for kind, v in r.coverage().items()]
+    print(f"wrote {args.output} ({r.method})")
+    print(table(rows, ["module", "quantized", "params quantized", "params kept"]))
+    share = 100 * r.params_quantized / max(r.params_total, 1)
+    print(f"{r.params_quantized:,} of {r.params_total:,} parameters quantized ({share:.1f} %)")
+    for reason, n in r.kept_reasons().items():
+        print(f"kept {n} Linear/Conv2d module(s): {reason}")
+    for note in r.notes:
+        print(note)
     return 0

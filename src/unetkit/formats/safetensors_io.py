@@ -201,7 +201,7 @@ def _write_tensor(out, t: OutTensor, path: Path) -> None:
         )
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel():
-        out.write(memoryview(tensor.view(torch.uint8).numpy()))
+        out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # reshape: 0-d tensors too
 
 
 COPY_CHUNK = 8 << 20

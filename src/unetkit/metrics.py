@@ -1,0 +1,46 @@
+"""Error measures for a lossy step: every one is reported as SQNR dB, cosine, relative L2 and max abs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    sqnr_db: float  # 10 log10(|ref|^2 / |x - ref|^2); inf when identical
+    cosine: float
+    rel_l2: float  # |x - ref| / |ref|
+    max_abs: float
+    identical: bool  # torch.equal: same values bit for bit
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if math.isinf(self.sqnr_db):  # JSON has no inf; "identical" says it
+            d["sqnr_db"] = None
+        return d
+
+    def __str__(self) -> str:
+        if self.identical:
+            return "bit-identical"
+        return (f"SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.6f}, rel L2 {self.rel_l2:.3g}, "
+                f"max abs {self.max_abs:.3g}")
+
+
+def compare(ref: torch.Tensor, x: torch.Tensor) -> ErrorStats:
+    """Error of ``x`` against ``ref`` (same shape), computed in float64."""
+    if ref.shape != x.shape:
+        raise ValueError(f"shapes differ: reference {tuple(ref.shape)}, candidate {tuple(x.shape)}")
+    identical = bool(torch.equal(ref, x))
+    r, c = ref.detach().double().flatten(), x.detach().double().flatten()
+    err = c - r
+    signal, noise = float(r.pow(2).sum()), float(err.pow(2).sum())
+    sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+    denom = float(r.norm() * c.norm())
+    cosine = float(r @ c) / denom if denom > 0 else (1.0 if noise == 0 else 0.0)
+    return ErrorStats(
+        sqnr_db=sqnr, cosine=cosine, rel_l2=math.sqrt(noise / signal) if signal > 0 else math.inf,
+        max_abs=float(err.abs().max()) if err.numel() else 0.0, identical=identical,
+    )
