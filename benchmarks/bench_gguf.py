@@ -110,7 +110,7 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
 
         os.environ["UNETKIT_HASH_CACHE"] = "0"  # a first run: the source is hashed too
         t = time.perf_counter()
-        r = quantize_file(src, out, f"gguf:{arg}")
+        r = quantize_file(src, out, f"gguf:{arg}", force=True)
         rec = {"seconds": time.perf_counter() - t, "file_bytes": r.file_bytes, "bits_per_weight": r.bits_per_weight,
                "by_qtype": r.by_qtype}
     elif task == "gguf_py_quantize":

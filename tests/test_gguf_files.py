@@ -233,3 +233,11 @@ def test_inspect_gguf_shows_flavor_qtypes_and_bits(src, tmp_path):
     src_ = open_unet(tmp_path / "m.gguf")
     src_.checkpoint.metadata.pop("unetkit.flavor")  # a file from another producer: read from names and shapes
     assert gguf_flavor(src_).startswith("comfy (no prefix, orig_shape")
+
+
+def test_encoder_processes_write_the_same_bytes(tmp_path):
+    """Tensors encoded in worker processes are written in order: the file is byte-identical to one process."""
+    path = save_ldm(tiny_unet("sd1.x-lcm"), tmp_path / "in.safetensors")
+    quantize_file(path, tmp_path / "one.gguf", "gguf:Q4_K_M", workers=0)
+    quantize_file(path, tmp_path / "two.gguf", "gguf:Q4_K_M", workers=2)
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()

@@ -158,11 +158,49 @@ def main(argv: list[str] | None = None) -> int:
                   f"{q.bits_per_weight:.2f} bits/weight; tensors: {kinds}")
             print(f"           quantized in {t1 - t0:.1f} s; on-the-fly output vs original: {compare(ref, o)}")
         print("   (lossy by design: the figure to read is the SQNR; bit-exactness of the codecs is tested against ggml)")
+
+        step("8. runtime quantization (torchao, optimum-quanto), Conv2d included; saved, reloaded, run")
+        for method in RUNTIME_METHODS:
+            print("   " + runtime_quant_outcome(src, method, ref, args.size, out))
     except UnetkitError as e:
         print(f"\nunetkit error: {e}", file=sys.stderr)
         return e.exit_code
     print("\nRESULT: " + ("all checks bit-exact" if ok else "MISMATCH (see above)"))
     return 0 if ok else 1
+
+
+RUNTIME_METHODS = ("torchao:int8-weight-only", "quanto:qint8")
+
+
+def runtime_quant_outcome(src: Path, method: str, ref: torch.Tensor, size: int, out: Path) -> str:
+    """Quantize the fp32 UNet with ``method``, save the folder, reload it and time one forward step."""
+    from unetkit import quantize, save_quantized
+    from unetkit.errors import BackendUnavailable
+    from unetkit.metrics import weight_bytes
+
+    unet = load_unet(src, dtype=torch.float32)
+    fp32_bytes = weight_bytes(unet)
+    t0 = time.perf_counter()
+    try:
+        unet, report = quantize(unet, method)
+    except BackendUnavailable as e:
+        return f"{method}: not available here: {e}"
+    t_quant = time.perf_counter() - t0
+    folder = out / ("unet_" + method.replace(":", "_"))
+    save_quantized(unet, folder, report, force=True)
+    del unet
+    gc.collect()
+    reloaded = load_unet(folder)
+    args = example_inputs(reloaded, size)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        o = reloaded(**args).sample
+        t_step = time.perf_counter() - t0
+    share = report.params_quantized / report.params_total
+    size_now = weight_bytes(reloaded)
+    return (f"{method:25s} weights {size_now / 2**20:5.0f} MiB ({size_now / fp32_bytes:.2f}x fp32), "
+            f"{100 * share:.1f} % of parameters quantized (Conv2d included); quantized in {t_quant:.1f} s; "
+            f"reloaded from {folder.name}/: one step {t_step:.2f} s; output vs original: {compare(ref, o)}")
 
 
 def diffusers_single_file_outcome(src: Path, config_dir: Path, ref: torch.Tensor, size: int) -> str:

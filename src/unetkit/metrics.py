@@ -44,3 +44,23 @@ def compare(ref: torch.Tensor, x: torch.Tensor) -> ErrorStats:
         sqnr_db=sqnr, cosine=cosine, rel_l2=math.sqrt(noise / signal) if signal > 0 else math.inf,
         max_abs=float(err.abs().max()) if err.numel() else 0.0, identical=identical,
     )
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds: a plain tensor its elements, a tensor subclass (torchao, optimum-quanto) the
+    sum of its stored parts (``__tensor_flatten__``: int data, scales, zero points)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return t.numel() * t.element_size()
+    names, _ = t.__tensor_flatten__()
+    return sum(stored_bytes(getattr(t, n)) for n in names if getattr(t, n, None) is not None)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Resident bytes of a model's parameters and buffers, quantized ones counted as stored (each tensor once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += stored_bytes(t)
+    return total
