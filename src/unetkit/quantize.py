@@ -108,8 +108,8 @@ def quantize_file(
         on_start(total)
     # the header is written first; the source hash, computed meanwhile on the other core, is patched in at the end
     meta["unetkit.source_sha256"] = SHA_PLACEHOLDER
-    hasher.start()
-    with atomic_output(out, force=force) as tmp, (pool or contextlib.nullcontext()):
+    with (pool or contextlib.nullcontext()), atomic_output(out, force=force) as tmp:
+        hasher.start()  # after the encoder processes are forked
         write_gguf(tmp, tensors, {**meta, **kv}, arch="sd1", progress=progress,
                    final_kv=lambda: {"unetkit.source_sha256": hasher.result()})
     return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(),
@@ -155,12 +155,21 @@ class _EncoderPool:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        # spawn, not fork: this process runs a hashing thread and torch's OpenMP pool, which fork does not survive
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+        # fork, not spawn: spawn re-imports the caller's __main__ script, which breaks scripts without an
+        # `if __name__ == "__main__"` guard. The workers are forked (and warmed up) before the hashing thread starts;
+        # they run torch with one thread, as DataLoader workers do.
+        self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
                                             initializer=_encoder_init)
+        for f in [self.executor.submit(_encoder_ready) for _ in range(self.workers)]:
+            f.result()
+        # the cores belong to the workers now: this process's own ops (F16 casts) run on one thread, or torch's
+        # spinning OpenMP threads would steal the workers' time
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         return self
 
     def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.threads)
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def producer(self, i: int) -> Callable[[], np.ndarray]:
@@ -177,6 +186,10 @@ class _EncoderPool:
 
 def _encoder_init() -> None:
     torch.set_num_threads(1)
+
+
+def _encoder_ready() -> int:
+    return os.getpid()
 
 
 def _encode_job(file: str, offset: int, dtype: str, shape: tuple[int, ...], stored_shape: tuple[int, ...],
