@@ -103,3 +103,16 @@ def test_expected_shapes_equal_diffusers_model(cfg):
 
     model = meta_unet(**cfg)
     assert expected_shapes(model.config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_demo_default_config_is_complete():
+    """`make demo` on a fresh machine writes its default from SD15_LCM alone: every LCM key, SD1.5 shapes."""
+    from unetkit.demo import SD15_LCM
+    from unetkit.keymap import KeyMap, Topology
+    from unetkit.spec import build_model, expected_shapes
+
+    shapes = expected_shapes(SD15_LCM)
+    assert len(shapes) == 687 and "time_embedding.cond_proj.weight" in shapes
+    KeyMap.for_topology(Topology.from_config(SD15_LCM))
+    model = build_model(SD15_LCM)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes

@@ -31,9 +31,11 @@ from unetkit.quantize import quantize_file
 from unetkit.sample import example_inputs
 from unetkit.spec import expected_shapes
 
-SD15_LCM = dict(
-    block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8, sample_size=64,
-    time_cond_proj_dim=256,
+SD15_LCM = dict(  # complete: the default is written from this config alone, before any model exists
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, time_cond_proj_dim=256,
 )
 
 
