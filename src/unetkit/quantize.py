@@ -21,7 +21,7 @@ import torch
 import unetkit
 from unetkit.errors import UnetkitError
 from unetkit.formats.atomic import atomic_output, check_output
-from unetkit.formats.base import TensorEntry
+from unetkit.formats.base import TensorEntry, read_range
 from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, write_gguf
 from unetkit.formats.hashing import FileHasher
 from unetkit.quant.policy import Decision, Recipe, plan
@@ -197,12 +197,7 @@ def _encode_job(file: str, offset: int, dtype: str, shape: tuple[int, ...], stor
     """In an encoder process: read one tensor's bytes from ``file`` and encode them as ``qtype``."""
     from unetkit.quant.gguf import quantize
 
-    t = torch.empty(shape, dtype=getattr(torch, dtype))
-    view = memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
-    with open(file, "rb", buffering=0) as f:
-        f.seek(offset)
-        if f.readinto(view) != len(view):
-            raise UnetkitError(f"{file}: short read of tensor {name!r}")
+    t = read_range(file, offset, shape, getattr(torch, dtype), name)
     return quantize(t.to(torch.float32).reshape(stored_shape), qtype, name=name).numpy().tobytes()
 
 

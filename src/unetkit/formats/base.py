@@ -38,15 +38,7 @@ class TensorEntry:
         are located there, so that no memory map grows the resident set: streaming code uses this."""
         if self.file is None or self.offset is None or self.qtype is not None:
             return self.loader().clone()
-        out = torch.empty(self.shape, dtype=self.dtype)
-        if self.nbytes:
-            view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-            with open(self.file, "rb", buffering=0) as f:
-                f.seek(self.offset)
-                got = f.readinto(view)
-            if got != self.nbytes:
-                raise OSError(f"{self.file}: short read of tensor {self.name!r} ({got} of {self.nbytes} bytes)")
-        return out
+        return read_range(self.file, self.offset, self.shape, self.dtype, self.name)
 
     @property
     def numel(self) -> int:
@@ -71,3 +63,17 @@ class Checkpoint:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def read_range(file: Path | str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
+    """The tensor stored contiguously at ``offset`` in ``file``, read with one ``readinto`` into fresh
+    (64-byte aligned) memory: no memory map grows the resident set."""
+    out = torch.empty(shape, dtype=dtype)
+    if out.numel():
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            got = f.readinto(view)
+        if got != len(view):
+            raise OSError(f"{file}: short read of tensor {name!r} ({got} of {len(view)} bytes)")
+    return out
