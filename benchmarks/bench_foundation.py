@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    fmt_s, machine, make_sd15_source, markdown, peak_rss_mb, remove, repeat, rss_now_mb, run_command, run_worker,
-    warm,
+    fmt_s, load_results, local_config, machine, make_sd15_source, markdown, peak_rss_mb, remove, repeat, rss_now_mb,
+    run_command, run_worker, warm, worker_or_args,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -100,21 +100,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="bench_out/foundation.json")
     ap.add_argument("--only", nargs="*", help="run only these rows (merged into an existing --json file)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, *args.rest)))
+    args = worker_or_args(ap, worker)
+    if args is None:
         return
 
     work = Path(args.workdir)
     src = make_sd15_source(Path(args.src))
-    config_dir = work / "sd15_config"
-    if not (config_dir / "config.json").exists():  # a local config for diffusers (it must not reach the Hub)
-        from unetkit import open_unet
-        from unetkit.spec import build_model
-
-        build_model(open_unet(src).spec.config).save_config(config_dir)
+    config_dir = local_config(src, work / "sd15_config")
     out = work / "bench_output"
     warm(src)
     size_gb = src.stat().st_size / 1e9
@@ -124,7 +116,7 @@ def main() -> None:
         return lambda: run_worker(SCRIPT, task, str(src), str(out), str(config_dir))
 
     cleanup = lambda: remove(out)  # noqa: E731
-    previous = json.loads(Path(args.json).read_text())["results"] if args.only and Path(args.json).exists() else {}
+    previous = load_results(Path(args.json)) if args.only else {}
     r: dict[str, dict] = dict(previous)
     plan = [
         ("cp", lambda: run_command(["cp", str(src), str(out)])),

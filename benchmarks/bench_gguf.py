@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    machine, make_sd15_source, markdown, peak_rss_mb, remove, rss_now_mb, run_worker, warm,
+    load_results, local_config, machine, make_sd15_source, markdown, peak_rss_mb, remove, rss_now_mb, run_worker,
+    warm, worker_or_args,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -176,14 +177,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", default=["quantize", "sizes", "latency", "sqnr"])
     ap.add_argument("--json", default="bench_out/gguf.json")
     ap.add_argument("--table", action="store_true", help="print the markdown tables from --json and exit")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, *args.rest)))
+    args = worker_or_args(ap, worker)
+    if args is None:
         return
     jpath = Path(args.json)
-    r: dict = json.loads(jpath.read_text())["results"] if jpath.exists() else {}
+    r: dict = load_results(jpath)
     if not args.table:
         run(args, r)
         jpath.parent.mkdir(parents=True, exist_ok=True)
@@ -234,12 +232,7 @@ def run(args, r: dict) -> None:
             from unetkit.quantize import quantize_file
 
             quantize_file(src, q8d, "gguf:Q8_0", flavor="diffusers")
-        config_dir = Path("bench_out/sd15_config")
-        if not (config_dir / "config.json").exists():
-            from unetkit import open_unet
-            from unetkit.spec import build_model
-
-            build_model(open_unet(src).spec.config).save_config(config_dir)
+        config_dir = local_config(src, Path("bench_out/sd15_config"))
         warm(q8)
         warm(q8d)
         lat["fp32"] = once("latency_fp32", str(src), str(work / "fp32"), "")

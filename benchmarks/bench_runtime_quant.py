@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, make_sd15_source, markdown, peak_rss_mb, rss_now_mb, run_worker, warm  # noqa: E402
+from common import (  # noqa: E402
+    load_results, machine, make_sd15_source, markdown, peak_rss_mb, rss_now_mb, run_worker, warm, worker_or_args,
+)
 
 SCRIPT = Path(__file__).resolve()
 METHODS = ["torchao:int8-weight-only", "torchao:int8-dynamic", "torchao:float8-weight-only", "quanto:qint8",
@@ -103,14 +105,11 @@ def main() -> None:
     ap.add_argument("--forwards", type=int, default=2)
     ap.add_argument("--json", default="bench_out/runtime_quant.json")
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, *args.rest)))
+    args = worker_or_args(ap, worker)
+    if args is None:
         return
     jpath = Path(args.json)
-    r: dict = json.loads(jpath.read_text())["results"] if jpath.exists() else {}
+    r: dict = load_results(jpath)
     if not args.table:
         src = make_sd15_source(Path(args.src))
         ddir = Path("bench_out/sd15_diffusers")

@@ -43,6 +43,35 @@ def make_sd15_source(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def local_config(src: Path, config_dir: Path) -> Path:
+    """A local diffusers config folder for ``src`` (diffusers must not reach the Hub), written once."""
+    if not (config_dir / "config.json").exists():
+        from unetkit import open_unet
+        from unetkit.spec import build_model
+
+        build_model(open_unet(src).spec.config).save_config(config_dir)
+    return config_dir
+
+
+def worker_or_args(ap, worker):
+    """Parse the command line; in a ``--worker TASK ARGS...`` process (see run_worker) run ``worker(TASK, *ARGS)``,
+    print its JSON record and return None; otherwise return the parsed arguments."""
+    import argparse
+
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, *args.rest)))
+        return None
+    return args
+
+
+def load_results(path: Path) -> dict:
+    """The ``results`` of an earlier run's JSON file (rows are merged into it), or {}."""
+    return json.loads(Path(path).read_text())["results"] if Path(path).exists() else {}
+
+
 def warm(path: Path) -> None:
     """Read a file once so it sits in the page cache (every tool then starts from the same warm state)."""
     files = [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]
