@@ -155,6 +155,10 @@ class _EncoderPool:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        from unetkit.quant.gguf.codecs import fused
+
+        fused.warm()  # compiled once here; the forked workers inherit it
+
         # fork, not spawn: spawn re-imports the caller's __main__ script, which breaks scripts without an
         # `if __name__ == "__main__"` guard. The workers are forked (and warmed up) before the hashing thread starts;
         # they run torch with one thread, as DataLoader workers do.

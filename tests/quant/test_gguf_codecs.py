@@ -15,11 +15,13 @@ import torch
 from unetkit.errors import QuantError
 from unetkit.quant.gguf import QTYPES, dequantize, get_codec, qtype_by_id, qtype_by_name, quantize, row_bytes
 from unetkit.quant.gguf.codecs import base as codec_base
+from unetkit.quant.gguf.codecs import fused, kquants
 
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "ggml_reference.npz"
 
 GOLDEN_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+QKX2_TYPES = ["Q2_K", "Q4_K", "Q5_K"]  # the types whose search has a fused CPU kernel (codecs/fused.py)
 GGUF_PY_ENCODABLE = ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "BF16"]
 ALL_TYPES = [q.name for q in QTYPES]
 
@@ -112,6 +114,61 @@ def test_encoder_matches_ggml_bytes(golden, name):
     assert got.shape == want.shape
     bad = _differing_blocks(got, want, qtype_by_name(name).type_size)
     assert bad == 0, f"{name}: {bad} blocks differ from ggml's reference encoder"
+
+
+@pytest.fixture(params=["fused", "torch"])
+def search_path(request, monkeypatch):
+    """Run a test once with the fused numba search kernel and once with the torch reference loop."""
+    monkeypatch.setenv("UNETKIT_FUSED", "1" if request.param == "fused" else "0")
+    assert fused.available(torch.zeros(1)) == (request.param == "fused"), "numba missing: pip install numba"
+    return request.param
+
+
+@pytest.mark.parametrize("name", QKX2_TYPES)
+def test_both_search_paths_match_ggml_bytes(golden, search_path, name):
+    x = torch.from_numpy(golden["input"])
+    want = golden[f"{_golden_key(name)}_bytes"]
+    got = quantize(x, name).numpy()
+    assert _differing_blocks(got, want, qtype_by_name(name).type_size) == 0, f"{name} ({search_path} search)"
+
+
+@pytest.mark.parametrize("name", QKX2_TYPES)
+def test_fused_search_equals_torch_search(monkeypatch, name):
+    """The fused kernel and the torch loop agree byte for byte on rows unlike the golden input: heavy tails,
+    offsets, constant and zero sub-blocks, tiny and huge magnitudes, rows where one value dwarfs the rest (the
+    nearest_int garbage range), exact ties, and a column count that is not a multiple of the kernel's tile."""
+    rng = np.random.default_rng(11)
+    rows = [
+        rng.standard_normal((37, 256)),
+        rng.standard_t(2, (37, 256)),
+        rng.standard_normal((37, 256)) + 3.0,
+        -np.abs(rng.standard_normal((37, 256))) - 1.0,
+        rng.standard_normal((37, 256)) * 1e-30,
+        rng.standard_normal((37, 256)) * 1e20,
+        np.where(rng.random((37, 256)) < 0.01, 1e9, rng.standard_normal((37, 256)) * 1e-3),
+        rng.integers(-4, 5, (37, 256)) / 8.0,
+    ]
+    x = np.concatenate(rows).astype(np.float32)
+    x[5, :16] = 0.0
+    x[6, 32:64] = 0.7
+    x[7, 64:96] = -0.0
+    x = torch.from_numpy(x)
+    monkeypatch.setenv("UNETKIT_FUSED", "1")
+    got = quantize(x, name)
+    monkeypatch.setenv("UNETKIT_FUSED", "0")
+    want = quantize(x, name)
+    assert _differing_blocks(got.numpy(), want.numpy(), qtype_by_name(name).type_size) == 0
+    # and the whole search state, bit for bit: the best error itself, not only the decisions it leads to (a
+    # reordered sum changes the error's last bits long before it changes a block's bytes)
+    n, nmax, steps, mad = {"Q2_K": (16, 3, 16, True), "Q4_K": (32, 15, 21, False), "Q5_K": (32, 31, 16, False)}[name]
+    xT = x.reshape(-1, n).t().contiguous()
+    w = xT.abs() + torch.from_numpy(rng.random(xT.shape[1]).astype(np.float32))
+    cs = [float(np.float32(nmax - 0.5 + 0.1 * s)) for s in range(steps)]
+    got_state, got_deg = fused.qkx2_search(xT, w, nmax, cs, mad)
+    want_state, want_deg = kquants.qkx2_search_torch(xT, w, nmax, cs, mad)
+    assert torch.equal(got_deg, want_deg) and int(got_deg.sum()) > 0
+    live = ~want_deg  # constant columns return early in C; their state is discarded
+    assert np.array_equal(_bits(got_state[:, live]), _bits(want_state[:, live]))
 
 
 @pytest.mark.parametrize("name", GOLDEN_TYPES)
@@ -334,6 +391,7 @@ def test_threads_argument_is_scoped():
 
 def test_sequential_sum_paths_agree(golden, monkeypatch):
     """The plain-loop path of seq_sum (used off CPU) gives the same bytes as the index_add_ path."""
+    monkeypatch.setenv("UNETKIT_FUSED", "0")  # the torch search loop is the one that sums with seq_sum
     x = torch.from_numpy(golden["input"][:8])
     fast = {name: quantize(x, name) for name in K_TYPES}
     monkeypatch.setattr(codec_base, "_index_add_is_sequential", lambda: False)

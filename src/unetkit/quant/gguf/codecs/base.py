@@ -224,6 +224,15 @@ def seq_sum(terms: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tens
     return _seq_sum_loop(terms, acc)
 
 
+def seq_sum_into(acc: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    """:func:`seq_sum` of ``terms`` (n, *shape) from +0.0 written into the preallocated ``acc`` (*shape)."""
+    acc.zero_()
+    if terms.device.type == "cpu" and _index_add_is_sequential():
+        acc.unsqueeze(0).index_add_(0, _zero_index(terms.shape[0], terms.device), terms)
+        return acc
+    return _seq_sum_loop(terms, acc)
+
+
 def select_(dst: torch.Tensor, cond: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``dst = where(cond, src, dst)`` in place, bit for bit (float32), ``cond`` broadcasting over leading dims.
 

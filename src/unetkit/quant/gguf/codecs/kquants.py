@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from unetkit.quant.gguf.codecs import fused
 from unetkit.quant.gguf.codecs.base import (
     Codec,
     fconst,
@@ -33,6 +34,7 @@ from unetkit.quant.gguf.codecs.base import (
     scratch,
     select_,
     seq_sum,
+    seq_sum_into,
     sqrt_f32,
 )
 from unetkit.quant.gguf.qtypes import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
@@ -98,6 +100,21 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
 
     Returns ``(scale, the_min, quants)``: (S,), (S,) float32 and the recipe of the (n, S) quants in ``[0, nmax]``.
     """
+    steps = [_f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * s)) + nmax) for s in range(nstep + 1)]
+    search = fused.qkx2_search if fused.available(x) else qkx2_search_torch
+    state, degenerate = search(x, w, nmax, steps, use_mad)
+    best, scale, mn, win_iscale, win_min = state
+    scale = select_(scale, degenerate, _zero(x).expand_as(scale))
+    return scale, -mn, SearchQuants(x, win_iscale, win_min, 0, nmax, 0, degenerate)
+
+
+def qkx2_search_torch(x: torch.Tensor, w: torch.Tensor, nmax: int, steps: list[float], use_mad: bool):
+    """The search of ``make_qkx2_quants`` in torch ops (any device); :func:`.fused.qkx2_search` is the same
+    arithmetic fused into one CPU kernel. ``steps[s]`` is the float32 ``rmin + rdelta*s + nmax``.
+
+    Returns ``(state, degenerate)``: rows best error, scale, min, and the iscale and min that produced the winning
+    quants, (5, S) float32; and the (S,) mask of constant columns (whose state the caller discards).
+    """
     n, S = x.shape
     dev = x.device
     zero = _zero(x)
@@ -127,22 +144,25 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
     # sums give D = 0, so it never takes a candidate.
     mx_loop = torch.where(degenerate, fconst(1.0, x), mx)
     drange = mx_loop - xmin
-    cs = torch.tensor([_f32(_f32(_f32(rmin) + _f32(_f32(rdelta) * s)) + nmax) for s in range(nstep + 1)],
-                      dtype=torch.float32, device=dev)
+    cs = [torch.tensor(c, dtype=torch.float32, device=dev) for c in steps]
     fixed = torch.stack([sum_w, sum_w, sum_x])
     pick_a = torch.tensor([1, 2, 1], device=dev)
-    # state rows: best error, scale, min, and the (iscale, min) that produced the winning quants
+    # state rows: best error, scale, min, the iscale and min that produced the winning quants; `cand` holds the
+    # same rows for the current step, each op writing straight into its row
     state = torch.stack([best, scale, mn, iscale, mn])
+    cand = scratch("kq.cand", (5, S), torch.float32, dev)
+    cur, this_scale, this_min, isc, cmn = cand
+    s = scratch("kq.sums", (3, S), torch.float32, dev)  # sum_l, sum_l2, sum_xl
     v = E  # the same scratch buffer
     # nearest_int(v) equals float round-half-even while |v| < 2**22. Every min of the search is <= 0, so with
     # max > 0 the range max - min >= max and |v| <= c * max(1, |xmin| / max): columns with a positive max not tiny
     # next to |xmin| are safe for the whole search. Other columns are checked at every step, where rounding's
     # monotonicity bounds every |v| of a column by isc * (max - xmin) when isc > 0.
     always_safe = bool(((mx_loop > 1e-30) & (xmin.abs() < mx_loop * 1e5)).all())
-    for step in range(nstep + 1):
-        mn = state[2]
-        isc = cs[step : step + 1] / (mx_loop - mn)  # iscale = (rmin + rdelta*is + nmax)/(max - min)
-        torch.sub(x, mn, out=v)
+    for step in range(len(steps)):
+        cmn.copy_(state[2])
+        torch.div(cs[step], torch.sub(mx_loop, cmn, out=isc), out=isc)  # (rmin + rdelta*is + nmax)/(max - min)
+        torch.sub(x, cmn, out=v)
         v.mul_(isc)  # iscale*(x[i] - min)
         if always_safe or bool(((isc * drange).amax() < _ROUND_SAFE) & (isc.amin() > 0)):
             lv = v.clamp_(0, nmax).round_()
@@ -151,28 +171,24 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, r
         torch.mul(w, lv, out=wl)  # w*l
         torch.mul(wl, lv, out=wll)  # w*l*l
         torch.mul(wl, x, out=wlx)  # w*l*x[i]
-        s = seq_sum(P)  # sum_l, sum_l2, sum_xl
+        seq_sum_into(s, P)  # sum_l, sum_l2, sum_xl
         # [sum_w*sum_l2, sum_w*sum_xl, sum_x*sum_l2] - [sum_l*sum_l, sum_l*sum_x, sum_l*sum_xl] = [D, n_scale, n_min]
         terms = fixed * s.index_select(0, pick_a)
         terms -= s[0] * torch.stack([s[0], sum_x, s[2]])
         D = terms[0]
-        tt = terms[1:] / D  # this_scale, this_min
-        pos = tt[1] > 0
-        this_scale = select_(tt[0], pos, s[2] / s[1])  # if (this_min > 0) { this_min = 0; this_scale = sum_xl/sum_l2 }
-        this_min = tt[1].clamp_(max=0.0)  # (sign of a zero min never reaches the output)
+        torch.div(terms[1:], D, out=cand[1:3])  # this_scale, this_min
+        select_(this_scale, this_min > 0, s[2] / s[1])  # if (this_min > 0) { this_min = 0; this_scale = sum_xl/sum_l2 }
+        this_min.clamp_(max=0.0)  # (sign of a zero min never reaches the output)
         torch.mul(lv, this_scale, out=v)  # diff = this_scale * Laux[i] + this_min - x[i]
         v += this_min
         v -= x
         v.abs_() if use_mad else v.mul_(v)
         v.mul_(w)
-        cur = seq_sum(v)
+        seq_sum_into(cand[:1], v.unsqueeze(1))  # cur_error
         take = (D > 0) & (cur < state[0])
-        cand = torch.stack([cur, this_scale, this_min, isc.expand(S), mn])
         select_(state, take, cand)
 
-    best, scale, mn, win_iscale, win_min = state
-    scale = torch.where(degenerate, zero, scale)
-    return scale, -mn, SearchQuants(x, win_iscale, win_min, 0, nmax, 0, degenerate)
+    return state, degenerate
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, SearchQuants]:
