@@ -4,7 +4,8 @@ Default input: a seeded UNet with SD1.5's full architecture and LCM's cond_proj,
 can be downloaded here), written as an LDM single file in fp16 the way community LCM checkpoints ship. Steps:
 inspect -> convert to diffusers -> convert back to LDM -> byte-for-byte comparison -> strict loads -> forward
 outputs compared bit for bit -> what diffusers' own from_single_file does with the same file -> GGUF Q8_0 and
-Q4_K_M, run on the fly, with their size and output SQNR.
+Q4_K_M, run on the fly, with their size and output SQNR -> torchao and optimum-quanto -> `unetkit verify` of every
+artifact against the original, with one HTML report.
 
     python -m unetkit.demo                       # built-in default
     python -m unetkit.demo path/to/model.safetensors
@@ -164,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         step("8. runtime quantization (torchao, optimum-quanto), Conv2d included; saved, reloaded, run")
         for method in RUNTIME_METHODS:
             print("   " + runtime_quant_outcome(src, method, ref, args.size, out))
+
+        t0 = step("9. unetkit verify: every artifact against the original (exact when lossless), one HTML report")
+        artifacts = [out / "unet_diffusers", back, *(out / f"unet_{r}.gguf" for r in ("Q8_0", "Q4_K_M")),
+                     *(out / ("unet_" + m.replace(":", "_")) for m in RUNTIME_METHODS)]
+        ok &= verify_artifacts(src, [a for a in artifacts if a.exists()], args.size, out / "verify_report.html")
+        done(t0)
     except UnetkitError as e:
         print(f"\nunetkit error: {e}", file=sys.stderr)
         return e.exit_code
@@ -172,6 +179,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 RUNTIME_METHODS = ("torchao:int8-weight-only", "quanto:qint8")
+
+
+def verify_artifacts(src: Path, artifacts: list[Path], size: int, html: Path) -> bool:
+    """``unetkit verify`` each artifact against ``src`` (loaded once, fp32) with a small setting; True when every
+    lossless one is bit-identical. Writes one HTML page for all of them."""
+    from unetkit.verify import verify, write_html
+
+    reference = load_unet(src, dtype=torch.float32)
+    reports, ok = [], True
+    for path in artifacts:
+        r = verify(reference, path, timesteps=2, steps=2, size=size, dtype="fp32")
+        reports.append(r)
+        r.reference.source = str(src)
+        lossless = r.exact is not None
+        ok &= r.passed if lossless else True
+        worst = r.summary["worst_sqnr_db"]
+        blamed = f"; worst layer {r.blame['blamed']}" if r.blame and r.blame["blamed"] else ""
+        print(f"   {path.name:32s} {r.summary['verdict']:18s} "
+              f"{'' if worst is None else f'worst SQNR {worst:5.1f} dB'}{blamed} ({r.seconds:.0f} s)", flush=True)
+    write_html(reports, html, title="unetkit make demo: verify", force=True)
+    print(f"   report: {html} (open it in a browser: plots per timestep, per layer, latents)")
+    return ok
 
 
 def runtime_quant_outcome(src: Path, method: str, ref: torch.Tensor, size: int, out: Path) -> str:

@@ -81,6 +81,10 @@ def load_unet(
     model = build_model(source.spec.config, device="meta")
     state = {}
     swapped = _swap_gguf(model, source, device) if dequantize == "on-the-fly" else set()
+    if swapped:
+        from unetkit.quant.runtime.gguf import release_buffers
+
+        model.register_forward_hook(release_buffers)  # the per-layer decode buffer does not outlive a forward
     for name, entry in source.tensors.items():
         if name in swapped:
             continue

@@ -23,11 +23,13 @@ EPILOG = """start here:
   unetkit convert model.safetensors unet/ --to diffusers   LDM single file -> diffusers folder
   unetkit convert unet/ model.safetensors --to ldm         and back, bit for bit
   unetkit quantize model.safetensors m.gguf --method gguf:Q4_K_M   GGUF for ComfyUI-GGUF (K-quants included)
+  unetkit verify model.safetensors m.gguf --quick --html r.html   how far off, where, which layer to blame
+  unetkit bench model.safetensors m.gguf m.gguf@load         load time, memory, latency of each, one table
 run `unetkit COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from unetkit.cli import convert_cmd, inspect_cmd, quantize_cmd
+    from unetkit.cli import bench_cmd, convert_cmd, inspect_cmd, quantize_cmd, verify_cmd
 
     parser = argparse.ArgumentParser(prog="unetkit", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (inspect_cmd, convert_cmd, quantize_cmd):
+    for module in (inspect_cmd, convert_cmd, quantize_cmd, verify_cmd, bench_cmd):
         module.add_parser(sub)
     return parser
 

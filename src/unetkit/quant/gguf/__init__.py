@@ -161,18 +161,21 @@ def dequantize(
     *,
     name: str | None = None,
     threads: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode packed ``qtype`` data into a tensor of ``shape`` and ``dtype`` (on ``data``'s device).
 
     ``data`` is a uint8 tensor (any shape, e.g. the ``(*lead, row_bytes)`` that :func:`quantize` returns, or the flat
     bytes read from a GGUF file); numpy arrays and other tensor dtypes are read as raw bytes. The values are ggml's
     ``dequantize_row_*`` results in float32, then cast to ``dtype``. ``threads``: as for :func:`quantize`.
+    ``out``: a contiguous tensor of ``shape`` and ``dtype`` to decode into (reused buffers: no fresh pages).
     """
     with _torch_threads(threads):
-        return _dequantize(data, qtype, shape, dtype, name)
+        return _dequantize(data, qtype, shape, dtype, name, out)
 
 
-def _dequantize(data: Any, qtype: QType | str | int, shape: Any, dtype: torch.dtype, name: str | None) -> torch.Tensor:
+def _dequantize(data: Any, qtype: QType | str | int, shape: Any, dtype: torch.dtype, name: str | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     q = as_qtype(qtype)
     codec = get_codec(q)
     shape = tuple(int(s) for s in shape)
@@ -190,12 +193,16 @@ def _dequantize(data: Any, qtype: QType | str | int, shape: Any, dtype: torch.dt
             f"has {raw.numel()} (shape {tuple(raw.shape)}); wrong qtype or shape?"
         )
     n_blocks = expected // q.type_size
-    out = torch.empty(shape, dtype=dtype, device=raw.device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=raw.device)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != raw.device:
+        raise QuantError(f"dequantize {_label(name)}: out must be a contiguous {dtype} tensor of shape {shape} on "
+                         f"{raw.device}; got {out.dtype} {tuple(out.shape)} on {out.device}")
     if n_blocks == 0:
         return out
     src = raw.reshape(n_blocks, q.type_size)
     dst = out.view(n_blocks, q.block_size)
     step = _chunk(codec, raw.device) * 4
     for i in range(0, n_blocks, step):
-        dst[i : i + step] = codec.dequantize_blocks(src[i : i + step])
+        codec.dequantize_into(src[i : i + step], dst[i : i + step])
     return out

@@ -6,11 +6,35 @@ the same output bit for bit."""
 
 from __future__ import annotations
 
+import math
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unetkit.quant.gguf import dequantize
+
+
+_tls = threading.local()
+
+
+def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's decode buffer for (dtype, device), grown to the largest weight seen."""
+    cache = getattr(_tls, "buffers", None)
+    if cache is None:
+        cache = _tls.buffers = {}
+    buf = cache.get((dtype, device))
+    if buf is None or buf.numel() < n:
+        size = max(n, 2 * buf.numel()) if buf is not None else n  # few regrowths within one forward
+        buf = cache[(dtype, device)] = torch.empty(size, dtype=dtype, device=device)
+    return buf
+
+
+def release_buffers(*_: object) -> None:
+    """Drop this thread's decode buffers: a forward hook on the whole UNet calls it, so no decoded weight stays
+    resident between forwards (re-mapping the buffer costs about 1 % of a forward)."""
+    getattr(_tls, "buffers", {}).clear()
 
 
 class GGUFWeight(nn.Module):
@@ -24,8 +48,17 @@ class GGUFWeight(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
-        w = dequantize(self.packed, self.qtype, self.stored_shape).reshape(self.shape)
-        return w if w.dtype == dtype else w.to(dtype)
+        if torch.is_grad_enabled():  # autograd may keep the weight for backward: a tensor of its own
+            w = dequantize(self.packed, self.qtype, self.stored_shape).reshape(self.shape)
+            return w if w.dtype == dtype else w.to(dtype)
+        # Inference: every layer decodes into one reused buffer. A fresh multi-MB tensor per layer and forward comes
+        # from newly mapped pages, and faulting those in cost more than the decode (SD1.5 Q8_0: 1.36x fp32 -> see
+        # BENCHMARKS.md). The weight is consumed by the layer's op before the next layer decodes.
+        n = math.prod(self.stored_shape)
+        buf = _buffer(n, dtype, self.packed.device)
+        w = buf[:n].view(self.stored_shape)
+        dequantize(self.packed, self.qtype, self.stored_shape, dtype, out=w)
+        return w.view(self.shape)
 
     def extra_repr(self) -> str:
         return f"qtype={self.qtype}, shape={list(self.shape)}"

@@ -87,6 +87,12 @@ class Codec:
         raise NotImplementedError
 
     @classmethod
+    def dequantize_into(cls, b: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`dequantize_blocks` written into ``out`` ((n, block_size), any float dtype: the float32 values
+        are cast once). Codecs whose decode is one product override it to skip the temporaries."""
+        out.copy_(cls.dequantize_blocks(b))
+
+    @classmethod
     def encode(cls, x: torch.Tensor) -> torch.Tensor:
         """Checked :meth:`quantize_blocks`: ``x`` must be ``(n, block_size)`` float32."""
         check_blocks(x, cls.qtype)

@@ -236,6 +236,14 @@ class Q8_0Codec(Codec):
         q = b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
         return q * d[:, None]
 
+    @classmethod
+    def dequantize_into(cls, b: torch.Tensor, out: torch.Tensor) -> None:
+        # one pass: int8 * float32 promotes per element to float32 (exact int8 -> float32, then the same product as
+        # dequantize_blocks), stored once; the on-the-fly layers decode every weight on every forward through here
+        if out.dtype != torch.float32:
+            return super().dequantize_into(b, out)
+        torch.mul(b[:, 2:].view(torch.int8), fp16_from_bytes(b[:, :2])[:, None], out=out)
+
 
 class Q4_0Codec(Codec):
     """Q4_0: 32 4-bit quants, fp16 scale ``d = max / -8`` (``max``: the signed value of largest magnitude).

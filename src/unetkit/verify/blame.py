@@ -1,0 +1,252 @@
+"""Per-layer blame: which modules make the candidate's output differ, and where the error grows.
+
+One UNet call is recorded in both models with forward hooks on every leaf module (a module without children:
+Linear, Conv2d, norms, activations, and the swapped-in quantized layers), in execution order:
+
+* ``local``: the candidate's module run on the *reference's* inputs to that module, against the reference's output.
+  Only the module's own weights or code can make this differ, so a perturbed, zeroed, missing or badly quantized
+  layer is named directly, whatever happens around it.
+* ``propagated``: the module's output in the candidate's own forward pass against the reference's: the error as
+  it flows through the network (plotted per layer).
+* ``input_sqnr_db`` and ``growth_db``: the error of the module's first input in the candidate's pass, and how many
+  dB the module loses (input SQNR minus output SQNR): where the error grows.
+
+The ranking sorts by local error (lowest SQNR first; execution order breaks ties, so among equals the earliest
+module leads): the first entry is the layer to blame.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from unetkit.metrics import ErrorStats, compare
+
+
+@dataclass
+class ModuleBlame:
+    module: str
+    type: str
+    block: str  # the top-level part it belongs to: time_embedding, down_blocks.1, mid_block, ...
+    order: int  # execution order of the call
+    call: int  # 0 for the first call of this module in the pass, 1 for the second (shared activations) ...
+    local: ErrorStats
+    propagated: ErrorStats | None
+    input_sqnr_db: float | None
+
+    @property
+    def growth_db(self) -> float | None:
+        if self.propagated is None or self.input_sqnr_db is None:
+            return None
+        out = self.propagated.sqnr_db
+        if math.isinf(self.input_sqnr_db) and math.isinf(out):
+            return 0.0
+        return self.input_sqnr_db - out
+
+    def to_dict(self) -> dict[str, Any]:
+        growth = self.growth_db
+        return {
+            "module": self.module, "type": self.type, "block": self.block, "order": self.order, "call": self.call,
+            "local": self.local.to_dict(),
+            "propagated": self.propagated.to_dict() if self.propagated is not None else None,
+            "input_sqnr_db": _finite(self.input_sqnr_db), "growth_db": _finite(growth),
+        }
+
+
+@dataclass
+class BlameResult:
+    timestep: int
+    entries: list[ModuleBlame] = field(default_factory=list)  # execution order
+
+    @property
+    def ranking(self) -> list[ModuleBlame]:
+        """Modules whose own output differs, worst local SQNR first."""
+        bad = [e for e in self.entries if not e.local.identical]
+        return sorted(bad, key=lambda e: (e.local.sqnr_db, e.order))
+
+    @property
+    def first_divergence(self) -> ModuleBlame | None:
+        """The first module in execution order whose output in the candidate's pass differs."""
+        return next((e for e in self.entries if e.propagated is not None and not e.propagated.identical), None)
+
+    def blocks(self) -> list[dict[str, Any]]:
+        """Per top-level block: its worst local SQNR and the module that has it, in network order."""
+        out: dict[str, dict[str, Any]] = {}
+        for e in self.entries:
+            b = out.setdefault(e.block, {"block": e.block, "worst_local_sqnr_db": math.inf, "module": None,
+                                         "modules": 0, "differing": 0})
+            b["modules"] += 1
+            if not e.local.identical:
+                b["differing"] += 1
+                if e.local.sqnr_db < b["worst_local_sqnr_db"] or b["module"] is None:
+                    b["worst_local_sqnr_db"], b["module"] = e.local.sqnr_db, e.module
+        for b in out.values():
+            b["worst_local_sqnr_db"] = _finite(b["worst_local_sqnr_db"])
+        return list(out.values())
+
+    def to_dict(self, top: int = 20) -> dict[str, Any]:
+        first = self.first_divergence
+        ranking = self.ranking
+        return {
+            "timestep": self.timestep,
+            "modules": len(self.entries),
+            "differing": len(ranking),
+            "blamed": ranking[0].module if ranking else None,
+            "blamed_block": ranking[0].block if ranking else None,
+            "first_divergence": first.module if first else None,
+            "ranking": [e.to_dict() for e in ranking[:top]],
+            "blocks": self.blocks(),
+            "layers": [{"module": e.module, "order": e.order, "local_sqnr_db": _finite(e.local.sqnr_db),
+                        "propagated_sqnr_db": _finite(e.propagated.sqnr_db) if e.propagated else None}
+                       for e in self.entries],
+        }
+
+
+def _finite(v: float | None) -> float | None:
+    """JSON has no inf: identical (infinite SQNR) is written as null, the ``identical`` flags say so."""
+    return None if v is None or math.isinf(v) or math.isnan(v) else v
+
+
+def block_of(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+        return f"{parts[0]}.{parts[1]}"
+    return parts[0]
+
+
+def _leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(obj, dict):
+        for o in obj.values():
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if hasattr(obj, "sample") and isinstance(obj.sample, torch.Tensor):
+        return obj.sample
+    return None
+
+
+class _Recorder:
+    """Forward hooks that record (name, args, kwargs, output) for every leaf call, in order."""
+
+    def __init__(self, model: nn.Module, keep_inputs: bool, against: list | None = None):
+        self.calls: list[tuple[str, str, tuple, dict, torch.Tensor | None, float | None]] = []
+        self.keep_inputs, self.against = keep_inputs, against
+        self.counts: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in _leaves(model)]
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            out = _first_tensor(output)
+            input_sqnr = None
+            if self.against is not None and len(self.calls) < len(self.against):
+                ref_name, _, ref_args, _, _, _ = self.against[len(self.calls)]
+                a, r = _first_tensor(args), _first_tensor(ref_args)
+                if ref_name == name and a is not None and r is not None and a.shape == r.shape:
+                    input_sqnr = compare(r, a).sqnr_db
+            # copies: the network may later change a tensor in place that a hook has seen
+            self.calls.append((name, type(module).__name__, _clone(args) if self.keep_inputs else (),
+                               _clone(kwargs) if self.keep_inputs else {},
+                               out.detach().clone() if out is not None else None, input_sqnr))
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candidate, timestep: int) -> BlameResult:
+    """Record one call of each model (``run_*()`` performs it) and compare module by module."""
+    rec = _Recorder(reference, keep_inputs=True)
+    try:
+        run_reference()
+    finally:
+        rec.close()
+    ref_calls = rec.calls
+    crec = _Recorder(candidate, keep_inputs=False, against=ref_calls)
+    try:
+        run_candidate()
+    finally:
+        crec.close()
+    # the candidate's pass is matched call by call while the call sequences agree (same leaf at the same place)
+    propagated: dict[int, tuple[torch.Tensor | None, float | None]] = {}
+    for i, (ref, cand) in enumerate(zip(ref_calls, crec.calls)):
+        if ref[0] != cand[0]:
+            break
+        propagated[i] = (cand[4], cand[5])
+    cand_dtype = _compute_dtype(candidate)
+    result = BlameResult(timestep)
+    seen: dict[str, int] = {}
+    for i, (name, typ, args, kwargs, ref_out, _) in enumerate(ref_calls):
+        call = seen.get(name, 0)
+        seen[name] = call + 1
+        local = _local_error(candidate, name, args, kwargs, ref_out, cand_dtype)
+        prop_out, input_sqnr = propagated.get(i, (None, None))
+        prop = compare(ref_out.float(), prop_out.float()) if (
+            prop_out is not None and ref_out is not None and prop_out.shape == ref_out.shape) else None
+        result.entries.append(ModuleBlame(name, typ, block_of(name), i, call, local, prop, input_sqnr))
+    return result
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.dtype.is_floating_point and type(p) in (torch.Tensor, nn.Parameter):
+            return p.dtype
+    return torch.float32
+
+
+def _clone(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clone(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _local_error(candidate: nn.Module, name: str, args: tuple, kwargs: dict, ref_out: torch.Tensor | None,
+                 dtype: torch.dtype) -> ErrorStats:
+    """The candidate's module ``name`` on the reference's inputs, against the reference's output."""
+    nan = ErrorStats(sqnr_db=-math.inf, cosine=0.0, rel_l2=math.inf, max_abs=math.inf, identical=False)
+    try:
+        module = candidate.get_submodule(name)
+    except AttributeError:
+        return nan  # the candidate has no such module at all
+    if ref_out is None:
+        return ErrorStats(math.inf, 1.0, 0.0, 0.0, True)
+    out = _first_tensor(module(*_cast(args, dtype), **_cast(kwargs, dtype)))
+    if out is None or out.shape != ref_out.shape:
+        return nan
+    return compare(ref_out.float() if ref_out.dtype != out.dtype else ref_out,
+                   out.float() if ref_out.dtype != out.dtype else out)

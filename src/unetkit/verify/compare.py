@@ -1,0 +1,307 @@
+"""`verify`: run a reference and a candidate UNet on the same seeded inputs and measure how far apart they are.
+
+Steps (each counted by the progress callback in UNet calls):
+
+1. exact mode (lossless candidates: neither side quantized, same dtype): every weight compared bit for bit in
+   module order; the first differing tensor is named;
+2. per timestep: both UNets predict on the same noised latents (classifier-free guidance, or LCM's guidance
+   embedding), error of the guided prediction;
+3. a denoising loop with a diffusers scheduler from the same noise, in lockstep; error of the latents per step and
+   at the end (and of the decoded images with ``vae``);
+4. per-layer blame at a middle timestep (:mod:`.blame`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import unetkit
+from unetkit.errors import UnetkitError
+from unetkit.metrics import compare
+from unetkit.verify.blame import blame as run_blame
+from unetkit.verify.inputs import DEFAULT_GUIDANCE, SCHEDULERS, make_inputs, make_scheduler, spread_timesteps
+from unetkit.verify.report import Report, Side
+
+log = logging.getLogger(__name__)
+
+#: (timesteps, sampling steps) per preset; LCM samples in few steps
+PRESETS = {
+    "default": {"timesteps": 10, "steps": 20, "lcm_steps": 4},
+    "quick": {"timesteps": 3, "steps": 4, "lcm_steps": 2},
+}
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+def verify(
+    reference: str | Path | nn.Module,
+    candidate: str | Path | nn.Module,
+    *,
+    timesteps: int | None = None,
+    steps: int | None = None,
+    scheduler: str | None = None,
+    size: int = 64,
+    seed: int = 0,
+    batch: int = 1,
+    guidance: float | None = None,
+    prompt_embeds: str | Path | None = None,
+    vae: str | Path | nn.Module | None = None,
+    exact: bool | None = None,
+    min_sqnr: float | None = None,
+    blame: bool = True,
+    quick: bool = False,
+    dtype: str | torch.dtype | None = None,
+    prediction_type: str = "epsilon",
+    progress: Progress | None = None,
+) -> Report:
+    """Compare ``candidate`` with ``reference`` (paths ``load_unet`` reads, or loaded UNets) and return a
+    :class:`~unetkit.verify.report.Report`. ``exact``: None decides (exact when neither side is quantized and the
+    dtypes agree). ``min_sqnr``: the report fails below it (dB, worst timestep and final latents). ``quick``:
+    fewer timesteps and steps (about 2 minutes for a full-size SD1.5 on 2 CPU cores instead of about 10). Nothing
+    is raised for a failing verification: see ``report.passed`` (the CLI turns it into exit code 1)."""
+    t0 = time.perf_counter()
+    preset = PRESETS["quick" if quick else "default"]
+    ref_model, ref_side = _load(reference, dtype, "reference")
+    cand_model, cand_side = _load(candidate, dtype, "candidate")
+    _check_compatible(ref_model, cand_model, ref_side, cand_side)
+    cfg = ref_model.config
+    lcm = bool(cfg.time_cond_proj_dim)
+    scheduler = scheduler or ("lcm" if lcm else "ddim")
+    if scheduler not in SCHEDULERS:
+        raise UnetkitError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    timesteps = preset["timesteps"] if timesteps is None else timesteps
+    steps = (preset["lcm_steps"] if scheduler == "lcm" else preset["steps"]) if steps is None else steps
+    if steps < 1 or size < 8 or size % 8 or batch < 1:
+        raise UnetkitError(f"need steps >= 1, batch >= 1 and a size that is a multiple of 8 (got steps={steps}, "
+                           f"size={size}, batch={batch})")
+    guidance = DEFAULT_GUIDANCE[scheduler] if guidance is None else guidance
+    if exact is None:
+        exact = not (ref_side.quantized or cand_side.quantized) and ref_side.dtype == cand_side.dtype
+    inputs = make_inputs(cfg, size=size, batch=batch, seed=seed, scheduler=scheduler, guidance=guidance,
+                         prompt_embeds=prompt_embeds)
+    cfg_mult = 2 if inputs.uncond is not None else 1
+    vae_model = _load_vae(vae) if vae is not None else None
+    total = 2 * timesteps + 2 * steps + (3 if blame else 0)  # progress counts UNet calls (CFG: batch of two)
+    done = 0
+
+    def tick(what: str, n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total, what)
+
+    report = Report(reference=ref_side, candidate=cand_side, settings={
+        "timesteps": timesteps, "steps": steps, "scheduler": scheduler, "size": size, "seed": seed,
+        "batch": batch, "guidance": guidance, "cfg": cfg_mult == 2, "lcm_guidance_embedding": lcm,
+        "prediction_type": prediction_type, "exact_mode": exact, "min_sqnr_db": min_sqnr, "blame": blame,
+        "prompt_embeds": inputs.embeds_source, "vae": str(vae) if isinstance(vae, (str, Path)) else
+        (type(vae).__name__ if vae is not None else None), "preset": "quick" if quick else "default",
+        "device": "cpu", "unet_calls": total,
+    })
+    if exact:
+        report.exact = compare_weights(ref_model, cand_model)
+
+    train_sched = make_scheduler("ddim", prediction_type)
+    with torch.no_grad():  # not inference_mode: optimum-quanto's int4/int2 layers refuse it
+        # per timestep
+        first_output = None
+        for t in spread_timesteps(timesteps, train_sched.config.num_train_timesteps):
+            xt = train_sched.add_noise(inputs.x0, inputs.noise, torch.tensor([t]))
+            ref_out = _predict(ref_model, inputs, xt, t)
+            tick(f"timestep {t} (reference)")
+            cand_out = _predict(cand_model, inputs, xt, t)
+            tick(f"timestep {t} (candidate)")
+            stats = compare(ref_out, cand_out)
+            report.timesteps.append({"timestep": t, **stats.to_dict()})
+            if first_output is None and not stats.identical:
+                first_output = {"timestep": t, **stats.to_dict()}
+        if report.exact is not None:
+            report.exact["first_output"] = first_output
+            report.exact["bit_identical"] = report.exact["first_tensor"] is None and first_output is None
+
+        # the sampling loop, both models in lockstep from the same noise
+        report.sampling, final_ref, final_cand = _sample(ref_model, cand_model, inputs, scheduler, steps, seed,
+                                                         prediction_type, tick)
+        report.latents = (final_ref[0].float().clone(), final_cand[0].float().clone())
+        if vae_model is not None:
+            report.images = _decode_compare(vae_model, final_ref, final_cand)
+            report.image_pair = report.images.pop("_pair")
+
+    if blame:
+        t_mid = spread_timesteps(1, train_sched.config.num_train_timesteps)[0]
+        xt = train_sched.add_noise(inputs.x0[:1], inputs.noise[:1], torch.tensor([t_mid]))
+        one = _slice_inputs(inputs)
+        res = run_blame(ref_model, cand_model, lambda: _predict(ref_model, one, xt, t_mid, guided=False),
+                        lambda: _predict(cand_model, one, xt, t_mid, guided=False), t_mid)
+        tick("per-layer blame", 3)
+        report.blame = res.to_dict()
+    report.seconds = time.perf_counter() - t0
+    report.finish(min_sqnr)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load(src: str | Path | nn.Module, dtype, role: str) -> tuple[nn.Module, Side]:
+    stored_quantized = False
+    if isinstance(src, nn.Module):
+        model, name, variant = src.eval(), f"<{type(src).__name__} object>", _variant(src)
+        if dtype is not None:
+            from unetkit.dtypes import parse_dtype
+
+            model = model.to(parse_dtype(dtype))
+    else:
+        from unetkit.load import _is_quantized_dir
+        from unetkit.resolve import open_unet
+
+        path = Path(src)
+        if not path.exists():
+            raise UnetkitError(f"{role} {path}: no such file or folder")
+        if _is_quantized_dir(path):  # torchao / quanto folder: its weights are tensor subclasses (seen below)
+            model, variant = unetkit.load_unet(path, dtype=dtype), None
+        else:
+            source = open_unet(path)
+            stored_quantized = any(e.qtype is not None for e in source.tensors.values())  # GGUF blocks
+            # GGUF decodes once ('load'): the same output bit for bit as 'on-the-fly', and faster for many calls
+            model, variant = unetkit.load_unet(source, dtype=dtype), source.spec.variant
+        name = str(path)
+    params = [*model.parameters(), *model.buffers()]
+    quantized = stored_quantized or any(type(p) not in (torch.Tensor, nn.Parameter) for p in params) or any(
+        type(m).__module__.startswith(("unetkit.quant", "optimum", "torchao")) for m in model.modules())
+    floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point and type(p) in (torch.Tensor,
+                                                                                                  nn.Parameter)]
+    main_dtype = max(set(floats), key=floats.count) if floats else torch.float32
+    return model, Side(source=name, variant=variant or _variant(model), dtype=str(main_dtype).removeprefix("torch."),
+                       quantized=quantized, parameters=sum(p.numel() for p in model.parameters()))
+
+
+def _variant(model: nn.Module) -> str:
+    from unetkit.spec import variant_of
+
+    try:
+        return variant_of(model.config)
+    except Exception:  # noqa: BLE001 - a label only
+        return "unknown"
+
+
+def _check_compatible(ref: nn.Module, cand: nn.Module, rs: Side, cs: Side) -> None:
+    keys = ("in_channels", "out_channels", "cross_attention_dim", "time_cond_proj_dim", "block_out_channels")
+    diff = [f"{k}: {ref.config.get(k)} vs {cand.config.get(k)}" for k in keys
+            if ref.config.get(k) != cand.config.get(k) and str(ref.config.get(k)) != str(cand.config.get(k))]
+    if diff:
+        raise UnetkitError(f"{rs.source} and {cs.source} are different architectures ({'; '.join(diff)}); verify "
+                           f"compares two versions of the same UNet")
+
+
+def compare_weights(ref: nn.Module, cand: nn.Module) -> dict[str, Any]:
+    """Every reference tensor against the candidate's, in module order; the first that differs is named."""
+    ref_sd, cand_sd = ref.state_dict(), cand.state_dict()
+    first = None
+    compared = 0
+    for name, r in ref_sd.items():
+        c = cand_sd.get(name)
+        compared += 1
+        if c is None:
+            first = {"name": name, "reason": "missing in the candidate"}
+        elif c.shape != r.shape:
+            first = {"name": name, "reason": f"shape {list(c.shape)}, expected {list(r.shape)}"}
+        elif c.dtype != r.dtype:
+            first = {"name": name, "reason": f"dtype {c.dtype}, expected {r.dtype}"}
+        elif not torch.equal(c, r):
+            stats = compare(r.float(), c.float())
+            n = int((c != r).sum())
+            first = {"name": name, "reason": f"{n} of {r.numel()} values differ", **stats.to_dict()}
+        if first is not None:
+            break
+    extra = [k for k in cand_sd if k not in ref_sd]
+    if first is None and extra:
+        first = {"name": extra[0], "reason": "only in the candidate"}
+    return {"bit_identical": None, "tensors_compared": compared, "first_tensor": first, "first_output": None}
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.dtype.is_floating_point and type(p) in (torch.Tensor, nn.Parameter):
+            return p.dtype
+    return torch.float32
+
+
+def _predict(model: nn.Module, inputs, latents: torch.Tensor, t: int, guided: bool = True) -> torch.Tensor:
+    """The model's (guided) noise prediction for ``latents`` at timestep ``t``, as float32."""
+    dt = _model_dtype(model)
+    x = latents if inputs.extra is None else torch.cat([latents, inputs.extra[: latents.shape[0]]], dim=1)
+    cond = inputs.cond[: latents.shape[0]]
+    kwargs = {}
+    if inputs.timestep_cond is not None:
+        kwargs["timestep_cond"] = inputs.timestep_cond[: latents.shape[0]].to(dt)
+    if guided and inputs.uncond is not None:
+        x2 = torch.cat([x, x])
+        ehs = torch.cat([inputs.uncond[: latents.shape[0]], cond])
+        out = model(x2.to(dt), t, encoder_hidden_states=ehs.to(dt), **kwargs).sample.float()
+        un, co = out.chunk(2)
+        return un + inputs.guidance * (co - un)
+    return model(x.to(dt), t, encoder_hidden_states=cond.to(dt), **kwargs).sample.float()
+
+
+def _slice_inputs(inputs):
+    """The first sample of the batch, without guidance (blame looks at one conditional call)."""
+    from dataclasses import replace
+
+    return replace(inputs, uncond=None)
+
+
+def _sample(ref: nn.Module, cand: nn.Module, inputs, scheduler: str, steps: int, seed: int, prediction_type: str,
+            tick) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    s_ref, s_cand = make_scheduler(scheduler, prediction_type), make_scheduler(scheduler, prediction_type)
+    s_ref.set_timesteps(steps)
+    s_cand.set_timesteps(steps)
+    g_ref, g_cand = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    lat_ref = inputs.noise * s_ref.init_noise_sigma
+    lat_cand = lat_ref.clone()
+    per_step = []
+    for i, t in enumerate(s_ref.timesteps):
+        p_ref = _predict(ref, inputs, s_ref.scale_model_input(lat_ref, t), int(t))
+        tick(f"sampling step {i + 1}/{steps} (reference)")
+        p_cand = _predict(cand, inputs, s_cand.scale_model_input(lat_cand, t), int(t))
+        tick(f"sampling step {i + 1}/{steps} (candidate)")
+        lat_ref = s_ref.step(p_ref, t, lat_ref, generator=g_ref).prev_sample
+        lat_cand = s_cand.step(p_cand, t, lat_cand, generator=g_cand).prev_sample
+        per_step.append({"step": i + 1, "timestep": int(t), **compare(lat_ref, lat_cand).to_dict()})
+    final = compare(lat_ref, lat_cand)
+    return {"scheduler": scheduler, "steps": steps, "per_step": per_step, "final": final.to_dict()}, lat_ref, lat_cand
+
+
+def _load_vae(vae: str | Path | nn.Module) -> nn.Module:
+    if isinstance(vae, nn.Module):
+        return vae.eval()
+    path = Path(vae)
+    if not (path / "config.json").is_file():
+        raise UnetkitError(f"--vae {path}: expected a diffusers AutoencoderKL folder (config.json + weights), e.g. "
+                           f"the vae/ folder of a diffusers pipeline")
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(str(path), local_files_only=True).eval()
+    except Exception as e:  # noqa: BLE001 - diffusers raises many kinds
+        raise UnetkitError(f"--vae {path}: cannot load it as an AutoencoderKL ({e})") from e
+
+
+def _decode_compare(vae: nn.Module, lat_ref: torch.Tensor, lat_cand: torch.Tensor) -> dict[str, Any]:
+    scale = getattr(vae.config, "scaling_factor", 0.18215)
+    dt = next(vae.parameters()).dtype
+    img_ref = (vae.decode((lat_ref / scale).to(dt)).sample.float().clamp(-1, 1) + 1) / 2
+    img_cand = (vae.decode((lat_cand / scale).to(dt)).sample.float().clamp(-1, 1) + 1) / 2
+    mse = float((img_ref.double() - img_cand.double()).pow(2).mean())
+    psnr = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    stats = compare(img_ref, img_cand).to_dict()
+    return {"psnr_db": None if math.isinf(psnr) else psnr, "identical": stats["identical"], **{
+        k: v for k, v in stats.items() if k != "identical"}, "_pair": (img_ref[0].clone(), img_cand[0].clone())}
