@@ -79,9 +79,10 @@ def table(results: dict) -> str:
     if b and "records" in b:
         recs = b["records"]
         brows = [[Path(r["path"]).name + (f"@{r['method']}" if r.get("method") else ""), f"{r['file_bytes'] / 2**20:.0f} MiB",
-                  f"{r['load_s']:.2f} s", f"{r['rss_mb']:.0f} MiB", f"{r['latency_median_s']:.2f} s "
+                  f"{r['load_s']:.2f} s", f"{r['rss_mb']:.0f} / {r['rss_run_mb']:.0f} MiB", f"{r['latency_median_s']:.2f} s "
                   f"({r['latency_min_s']:.2f}-{r['latency_max_s']:.2f})"] for r in recs]
-        out.append(markdown(brows, ["variant", "file", "load", "RSS added by load", "forward, batch 1, 64x64"]))
+        out.append(markdown(brows, ["variant", "file", "load", "RSS added: after load / after the runs",
+                                    "forward, batch 1, 64x64"]))
     return "\n\n".join(out)
 
 

@@ -140,67 +140,67 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
     return None
 
 
-class _Recorder:
-    """Forward hooks that record (name, args, kwargs, output) for every leaf call, in order."""
+@torch.no_grad()
+def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candidate, timestep: int) -> BlameResult:
+    """Record one call of each model (``run_*()`` performs it) and compare module by module.
 
-    def __init__(self, model: nn.Module, keep_inputs: bool, against: list | None = None):
-        self.calls: list[tuple[str, str, tuple, dict, torch.Tensor | None, float | None]] = []
-        self.keep_inputs, self.against = keep_inputs, against
-        self.counts: dict[str, int] = {}
-        self.handles = [m.register_forward_hook(self._hook(n), with_kwargs=True) for n, m in _leaves(model)]
+    Memory: during the reference's pass each candidate module runs at once on the inputs just seen (the local
+    error), so only the reference's leaf outputs and first inputs are kept; the candidate's pass compares against
+    them as it goes."""
+    cand_dtype = _compute_dtype(candidate)
+    result = BlameResult(timestep)
+    kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # reference (output, first input) per call
+    seen: dict[str, int] = {}
 
-    def _hook(self, name: str):
+    def ref_hook(name: str):
         def hook(module, args, kwargs, output):
             out = _first_tensor(output)
-            input_sqnr = None
-            if self.against is not None and len(self.calls) < len(self.against):
-                ref_name, _, ref_args, _, _, _ = self.against[len(self.calls)]
-                a, r = _first_tensor(args), _first_tensor(ref_args)
-                if ref_name == name and a is not None and r is not None and a.shape == r.shape:
-                    input_sqnr = compare(r, a).sqnr_db
-            # copies: the network may later change a tensor in place that a hook has seen
-            self.calls.append((name, type(module).__name__, _clone(args) if self.keep_inputs else (),
-                               _clone(kwargs) if self.keep_inputs else {},
-                               out.detach().clone() if out is not None else None, input_sqnr))
+            first = _first_tensor(args)
+            call = seen.get(name, 0)
+            seen[name] = call + 1
+            local = _local_error(candidate, name, args, kwargs, out, cand_dtype)
+            # copies: the network may change a tensor in place after this hook has seen it
+            kept.append((out.detach().clone() if out is not None else None,
+                         first.detach().clone() if first is not None else None))
+            result.entries.append(ModuleBlame(name, type(module).__name__, block_of(name), len(result.entries),
+                                              call, local, None, None))
 
         return hook
 
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@torch.no_grad()
-def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candidate, timestep: int) -> BlameResult:
-    """Record one call of each model (``run_*()`` performs it) and compare module by module."""
-    rec = _Recorder(reference, keep_inputs=True)
+    handles = [m.register_forward_hook(ref_hook(n), with_kwargs=True) for n, m in _leaves(reference)]
     try:
         run_reference()
     finally:
-        rec.close()
-    ref_calls = rec.calls
-    crec = _Recorder(candidate, keep_inputs=False, against=ref_calls)
+        for h in handles:
+            h.remove()
+
+    position = {"i": 0, "aligned": True}
+
+    def cand_hook(name: str):
+        def hook(module, args, kwargs, output):
+            i = position["i"]
+            position["i"] += 1
+            # matched call by call while both passes call the same leaves in the same order
+            if not position["aligned"] or i >= len(result.entries) or result.entries[i].module != name:
+                position["aligned"] = False
+                return
+            ref_out, ref_in = kept[i]
+            out, first = _first_tensor(output), _first_tensor(args)
+            entry = result.entries[i]
+            if out is not None and ref_out is not None and out.shape == ref_out.shape:
+                entry.propagated = compare(ref_out.float(), out.float())
+            if first is not None and ref_in is not None and first.shape == ref_in.shape:
+                entry.input_sqnr_db = compare(ref_in.float(), first.float()).sqnr_db
+
+        return hook
+
+    handles = [m.register_forward_hook(cand_hook(n), with_kwargs=True) for n, m in _leaves(candidate)]
     try:
         run_candidate()
     finally:
-        crec.close()
-    # the candidate's pass is matched call by call while the call sequences agree (same leaf at the same place)
-    propagated: dict[int, tuple[torch.Tensor | None, float | None]] = {}
-    for i, (ref, cand) in enumerate(zip(ref_calls, crec.calls)):
-        if ref[0] != cand[0]:
-            break
-        propagated[i] = (cand[4], cand[5])
-    cand_dtype = _compute_dtype(candidate)
-    result = BlameResult(timestep)
-    seen: dict[str, int] = {}
-    for i, (name, typ, args, kwargs, ref_out, _) in enumerate(ref_calls):
-        call = seen.get(name, 0)
-        seen[name] = call + 1
-        local = _local_error(candidate, name, args, kwargs, ref_out, cand_dtype)
-        prop_out, input_sqnr = propagated.get(i, (None, None))
-        prop = compare(ref_out.float(), prop_out.float()) if (
-            prop_out is not None and ref_out is not None and prop_out.shape == ref_out.shape) else None
-        result.entries.append(ModuleBlame(name, typ, block_of(name), i, call, local, prop, input_sqnr))
+        for h in handles:
+            h.remove()
+        kept.clear()
     return result
 
 
@@ -209,18 +209,6 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
         if p.dtype.is_floating_point and type(p) in (torch.Tensor, nn.Parameter):
             return p.dtype
     return torch.float32
-
-
-def _clone(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_clone(o) for o in obj)
-    if isinstance(obj, list):
-        return [_clone(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    return obj
 
 
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
