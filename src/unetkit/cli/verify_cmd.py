@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reference", help="the UNet taken as right (e.g. the original file)")
     p.add_argument("candidate", help="the UNet to check (converted, quantized, ...)")
     p.add_argument("--quick", action="store_true", help="fewer timesteps and steps (about 2 min at full size)")
-    p.add_argument("--timesteps", type=int, help="timesteps compared one by one (default 10; --quick 3)")
+    p.add_argument("--timesteps", type=int, help="timesteps compared one by one (default 10; --quick 2)")
     p.add_argument("--steps", type=int, help="sampling steps (default 20, LCM 4; --quick 3, LCM 2)")
     p.add_argument("--scheduler", choices=("ddim", "euler", "lcm"),
                    help="sampling loop scheduler (default: lcm for LCM UNets, else ddim)")

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: (timesteps, sampling steps) per preset; LCM samples in few steps
 PRESETS = {
     "default": {"timesteps": 10, "steps": 20, "lcm_steps": 4},
-    "quick": {"timesteps": 3, "steps": 3, "lcm_steps": 2},
+    "quick": {"timesteps": 2, "steps": 3, "lcm_steps": 2},
 }
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
