@@ -115,7 +115,8 @@ def _layers_plot(report: Report) -> str | None:
     if report.blame["ranking"]:
         top = report.blame["ranking"][0]
         y = top["local"]["sqnr_db"] if top["local"]["sqnr_db"] is not None else -10
-        ax.annotate(top["module"], (top["order"], y), fontsize=7, xytext=(5, -12), textcoords="offset points")
+        ax.annotate(f"worst: {top['module']}", (top["order"], y), fontsize=7, xytext=(0, -30),
+                    textcoords="offset points", ha="center", arrowprops={"arrowstyle": "->", "lw": 0.6})
     # block boundaries
     last = None
     for r in layers:
@@ -126,7 +127,7 @@ def _layers_plot(report: Report) -> str | None:
     ax.set_xlabel("leaf module, in execution order")
     ax.set_ylabel("SQNR (dB)")
     ax.set_title(f"error per layer through the network (t={report.blame['timestep']}; identical drawn at {cap:.0f})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=.3)
     return _png(fig)
 
