@@ -28,3 +28,12 @@ def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
 
 def short(dtype: torch.dtype) -> str:
     return SHORT.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a (possibly quantized) model computes in: that of its first plain floating parameter. Quantized
+    weights are tensor subclasses (torchao, quanto) or integer buffers (GGUF); biases and norms stay plain."""
+    for p in model.parameters():
+        if type(p.data) is torch.Tensor and p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32

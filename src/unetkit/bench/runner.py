@@ -32,6 +32,7 @@ import unetkit.errors as errors
 from unetkit.bench.measure import MIB, file_bytes, rss_bytes, synchronize, time_calls
 from unetkit.bench.record import BenchRecord
 from unetkit.bench.variants import Variant, parse_variant
+from unetkit.dtypes import compute_dtype
 from unetkit.errors import BackendUnavailable, UnetkitError
 
 log = logging.getLogger(__name__)
@@ -135,15 +136,6 @@ def bench(
 # ---------------------------------------------------------------------------------------------------- in-process
 
 
-def _float_dtype(unet: torch.nn.Module) -> torch.dtype:
-    """The dtype the model computes in: that of its first plain floating tensor (quantized weights are tensor
-    subclasses or integer buffers; norms and biases stay plain float)."""
-    for t in [*unet.parameters(), *unet.buffers()]:
-        if type(t) in (torch.Tensor, torch.nn.Parameter) and t.dtype.is_floating_point:
-            return t.dtype
-    return torch.float32
-
-
 def _prepare(variant: Variant, device: torch.device) -> None:
     """Pay the one-time costs outside the measurement: imports, the CUDA context."""
     import diffusers  # noqa: F401
@@ -197,7 +189,7 @@ def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolat
         t2 = time.perf_counter()
         rss1 = rss_bytes()
         weights = weight_bytes(unet)
-        dtype = _float_dtype(unet)
+        dtype = compute_dtype(unet)
         inputs = example_inputs(unet, size=settings.size, batch=settings.batch, seed=settings.seed)
         inputs = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in inputs.items()}
         with torch.inference_mode():

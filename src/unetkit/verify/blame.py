@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetkit.dtypes import compute_dtype
 from unetkit.metrics import ErrorStats, compare
 
 
@@ -147,7 +148,7 @@ def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candida
     Memory: during the reference's pass each candidate module runs at once on the inputs just seen (the local
     error), so only the reference's leaf outputs and first inputs are kept; the candidate's pass compares against
     them as it goes."""
-    cand_dtype = _compute_dtype(candidate)
+    cand_dtype = compute_dtype(candidate)
     result = BlameResult(timestep)
     kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # reference (output, first input) per call
     seen: dict[str, int] = {}
@@ -167,12 +168,7 @@ def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candida
 
         return hook
 
-    handles = [m.register_forward_hook(ref_hook(n), with_kwargs=True) for n, m in _leaves(reference)]
-    try:
-        run_reference()
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(reference, ref_hook, run_reference)
 
     position = {"i": 0, "aligned": True}
 
@@ -194,21 +190,21 @@ def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candida
 
         return hook
 
-    handles = [m.register_forward_hook(cand_hook(n), with_kwargs=True) for n, m in _leaves(candidate)]
     try:
-        run_candidate()
+        _run_hooked(candidate, cand_hook, run_candidate)
     finally:
-        for h in handles:
-            h.remove()
         kept.clear()
     return result
 
 
-def _compute_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.dtype.is_floating_point and type(p) in (torch.Tensor, nn.Parameter):
-            return p.dtype
-    return torch.float32
+def _run_hooked(model: nn.Module, make_hook, run) -> None:
+    """``run()`` with ``make_hook(name)`` as a forward hook (with kwargs) on every leaf module of ``model``."""
+    handles = [m.register_forward_hook(make_hook(n), with_kwargs=True) for n, m in _leaves(model)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _cast(obj: Any, dtype: torch.dtype) -> Any:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import unetkit
+from unetkit.dtypes import compute_dtype
 from unetkit.errors import UnetkitError
 from unetkit.metrics import compare
 from unetkit.verify.blame import blame as run_blame
@@ -230,16 +231,9 @@ def compare_weights(ref: nn.Module, cand: nn.Module) -> dict[str, Any]:
     return {"bit_identical": None, "tensors_compared": compared, "first_tensor": first, "first_output": None}
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.dtype.is_floating_point and type(p) in (torch.Tensor, nn.Parameter):
-            return p.dtype
-    return torch.float32
-
-
 def _predict(model: nn.Module, inputs, latents: torch.Tensor, t: int, guided: bool = True) -> torch.Tensor:
     """The model's (guided) noise prediction for ``latents`` at timestep ``t``, as float32."""
-    dt = _model_dtype(model)
+    dt = compute_dtype(model)
     x = latents if inputs.extra is None else torch.cat([latents, inputs.extra[: latents.shape[0]]], dim=1)
     cond = inputs.cond[: latents.shape[0]]
     kwargs = {}

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import unetkit
+from unetkit.dtypes import compute_dtype
 from unetkit.errors import FormatError, KeyMapError, UnetkitError, list_some
 from unetkit.quant.runtime.base import QuantReport, parse_method
 
@@ -62,12 +63,6 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _float_dtype(unet: Any) -> torch.dtype:
-    for p in unet.parameters():
-        if type(p.data) is torch.Tensor and p.dtype.is_floating_point:
-            return p.dtype
-    return torch.float32
-
 
 def save_quantized(unet: UNet2DConditionModel, report: QuantReport, out: str | Path, *, force: bool = False) -> Path:
     """Write the quantized ``unet`` (as returned by ``unetkit.quantize``) and its report to the folder ``out``,
@@ -88,7 +83,7 @@ def save_quantized(unet: UNet2DConditionModel, report: QuantReport, out: str | P
         "method": report.method,
         "backend": be.name,
         "scheme": scheme,
-        "dtype": str(_float_dtype(unet)).removeprefix("torch."),
+        "dtype": str(compute_dtype(unet)).removeprefix("torch."),
         "versions": report.versions,
         "weights": WEIGHTS,
         "tensors": {k: {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)} for k, v in tensors.items()},

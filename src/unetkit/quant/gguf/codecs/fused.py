@@ -38,10 +38,15 @@ def _kernel():
 
     f32 = np.float32
 
+    @njit(inline="always", nogil=True, error_model="numpy", boundscheck=False)
+    def quant(iscale, x, mn, nmax):  # pragma: no cover - compiled
+        """MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) as float32 (nearest_int: ggml's magic-number trick)."""
+        t = np.float32(iscale * (x - mn) + f32(12582912.0))  # + 1.5 * 2**23
+        return f32(max(0, min(nmax, (t.view(np.int32) & 0x7FFFFF) - 0x400000)))
+
     @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
     def search(x, w, nmax, cs, use_mad, state, degenerate):  # pragma: no cover - compiled
         n, S = x.shape
-        M = f32(12582912.0)  # 1.5 * 2**23: nearest_int's magic number
         zero, one, fnmax = f32(0.0), f32(1.0), f32(nmax)
         T = _TILE
         lo, hi, sw, sx = np.empty(T, f32), np.empty(T, f32), np.empty(T, f32), np.empty(T, f32)
@@ -86,10 +91,7 @@ def _kernel():
             for i in range(n):
                 for c in range(m):
                     xi = x[i, c0 + c]
-                    t = np.float32(isc[c] * (xi - mn[c]) + M)
-                    q = (t.view(np.int32) & 0x7FFFFF) - 0x400000
-                    q = max(0, min(nmax, q))
-                    d = scale[c] * np.float32(q) + mn[c] - xi
+                    d = scale[c] * quant(isc[c], xi, mn[c], nmax) + mn[c] - xi
                     e = abs(d) if use_mad else d * d
                     best[c] += w[i, c0 + c] * e
             for c in range(m):
@@ -105,9 +107,7 @@ def _kernel():
                 for i in range(n):
                     for c in range(m):
                         xi = x[i, c0 + c]
-                        t = np.float32(isc[c] * (xi - mn[c]) + M)
-                        q = (t.view(np.int32) & 0x7FFFFF) - 0x400000
-                        lf = np.float32(max(0, min(nmax, q)))
+                        lf = quant(isc[c], xi, mn[c], nmax)
                         lbuf[i, c] = lf
                         wl = w[i, c0 + c] * lf
                         sl[c] += wl
