@@ -17,6 +17,7 @@ module leads): the first entry is the layer to blame.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from torch import nn
 
 from unetkit.dtypes import compute_dtype
 from unetkit.metrics import ErrorStats, compare
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,6 +181,10 @@ def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candida
             position["i"] += 1
             # matched call by call while both passes call the same leaves in the same order
             if not position["aligned"] or i >= len(result.entries) or result.entries[i].module != name:
+                if position["aligned"]:
+                    log.warning("blame: the candidate calls %s where the reference called %s; propagated errors "
+                                "are not compared from there on (local errors are unaffected)", name,
+                                result.entries[i].module if i < len(result.entries) else "nothing")
                 position["aligned"] = False
                 return
             ref_out, ref_in = kept[i]

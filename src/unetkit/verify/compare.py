@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -133,13 +134,12 @@ def verify(
                                                          prediction_type, tick)
         report.latents = (final_ref[0].float().clone(), final_cand[0].float().clone())
         if vae_model is not None:
-            report.images = _decode_compare(vae_model, final_ref, final_cand)
-            report.image_pair = report.images.pop("_pair")
+            report.images, report.image_pair = _decode_compare(vae_model, final_ref, final_cand)
 
     if blame:
         t_mid = spread_timesteps(1, train_sched.config.num_train_timesteps)[0]
         xt = train_sched.add_noise(inputs.x0[:1], inputs.noise[:1], torch.tensor([t_mid]))
-        one = _slice_inputs(inputs)
+        one = replace(inputs, uncond=None)  # one conditional call: blame needs no guidance
         res = run_blame(ref_model, cand_model, lambda: _predict(ref_model, one, xt, t_mid, guided=False),
                         lambda: _predict(cand_model, one, xt, t_mid, guided=False), t_mid)
         tick("per-layer blame", 3)
@@ -248,13 +248,6 @@ def _predict(model: nn.Module, inputs, latents: torch.Tensor, t: int, guided: bo
     return model(x.to(dt), t, encoder_hidden_states=cond.to(dt), **kwargs).sample.float()
 
 
-def _slice_inputs(inputs):
-    """The first sample of the batch, without guidance (blame looks at one conditional call)."""
-    from dataclasses import replace
-
-    return replace(inputs, uncond=None)
-
-
 def _sample(ref: nn.Module, cand: nn.Module, inputs, scheduler: str, steps: int, seed: int, prediction_type: str,
             tick) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     s_ref, s_cand = make_scheduler(scheduler, prediction_type), make_scheduler(scheduler, prediction_type)
@@ -291,7 +284,8 @@ def _load_vae(vae: str | Path | nn.Module) -> nn.Module:
         raise UnetkitError(f"--vae {path}: cannot load it as an AutoencoderKL ({e})") from e
 
 
-def _decode_compare(vae: nn.Module, lat_ref: torch.Tensor, lat_cand: torch.Tensor) -> dict[str, Any]:
+def _decode_compare(vae: nn.Module, lat_ref: torch.Tensor, lat_cand: torch.Tensor):
+    """Decode both final latents: (the images' PSNR and error stats, (reference image, candidate image))."""
     scale = getattr(vae.config, "scaling_factor", 0.18215)
     dt = next(vae.parameters()).dtype
     img_ref = (vae.decode((lat_ref / scale).to(dt)).sample.float().clamp(-1, 1) + 1) / 2
@@ -299,5 +293,4 @@ def _decode_compare(vae: nn.Module, lat_ref: torch.Tensor, lat_cand: torch.Tenso
     mse = float((img_ref.double() - img_cand.double()).pow(2).mean())
     psnr = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
     stats = compare(img_ref, img_cand).to_dict()
-    return {"psnr_db": None if math.isinf(psnr) else psnr, "identical": stats["identical"], **{
-        k: v for k, v in stats.items() if k != "identical"}, "_pair": (img_ref[0].clone(), img_cand[0].clone())}
+    return {"psnr_db": None if math.isinf(psnr) else psnr, **stats}, (img_ref[0].clone(), img_cand[0].clone())

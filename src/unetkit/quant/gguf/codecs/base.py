@@ -222,19 +222,16 @@ def seq_sum(terms: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tens
 
     ``init`` defaults to +0.0, like ``float sum = 0; for (...) sum += t;`` in C. Vectorised over the other dims.
     """
-    acc = torch.zeros(terms.shape[1:], dtype=terms.dtype, device=terms.device) if init is None else init.clone()
+    return seq_sum_into(torch.empty(terms.shape[1:], dtype=terms.dtype, device=terms.device), terms, init)
+
+
+def seq_sum_into(acc: torch.Tensor, terms: torch.Tensor, init: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`seq_sum` of ``terms`` (n, *shape) written into the preallocated ``acc`` (*shape); returns ``acc``."""
+    acc.zero_() if init is None else acc.copy_(init)
     if terms.shape[0] == 0:
         return acc
     if terms.device.type == "cpu" and _index_add_is_sequential():
-        return _seq_sum_index_add(terms, acc)
-    return _seq_sum_loop(terms, acc)
-
-
-def seq_sum_into(acc: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
-    """:func:`seq_sum` of ``terms`` (n, *shape) from +0.0 written into the preallocated ``acc`` (*shape)."""
-    acc.zero_()
-    if terms.device.type == "cpu" and _index_add_is_sequential():
-        acc.unsqueeze(0).index_add_(0, _zero_index(terms.shape[0], terms.device), terms)
+        _seq_sum_index_add(terms, acc)
         return acc
     return _seq_sum_loop(terms, acc)
 
