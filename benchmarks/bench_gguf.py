@@ -107,7 +107,7 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
 
     rec: dict = {}
     if task == "unetkit_quantize":
-        from unetkit.quantize import quantize_file
+        from unetkit.gguf_export import quantize_file
 
         os.environ["UNETKIT_HASH_CACHE"] = "0"  # a first run: the source is hashed too
         t = time.perf_counter()
@@ -239,7 +239,7 @@ def run(args, r: dict) -> None:
             once("unetkit_quantize", str(src), str(q8), "Q8_0")
         q8d = gguf_path("Q8_0", "diffusers")
         if not q8d.exists():
-            from unetkit.quantize import quantize_file
+            from unetkit.gguf_export import quantize_file
 
             quantize_file(src, q8d, "gguf:Q8_0", flavor="diffusers")
         config_dir = local_config(src, Path("bench_out/sd15_config"))

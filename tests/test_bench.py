@@ -12,13 +12,13 @@ import torch
 from helpers import save_ldm, tiny_unet
 
 from unetkit import convert
-from unetkit.bench import BenchRecord, Settings, bench, parse_variant, results_dict
-from unetkit.bench.measure import Latency, time_calls
-from unetkit.bench.record import CUDA_ONLY
-from unetkit.bench.runner import run_isolated
+from unetkit.benchmarking import BenchRecord, Settings, bench, parse_variant, results_dict
+from unetkit.benchmarking.measure import Latency, time_calls
+from unetkit.benchmarking.record import CUDA_ONLY
+from unetkit.benchmarking.runner import run_isolated
 from unetkit.cli.main import main
 from unetkit.errors import FormatError, UnetkitError
-from unetkit.quantize import quantize_file
+from unetkit.gguf_export import quantize_file
 
 HAS_QUANTO = importlib.util.find_spec("optimum") is not None and importlib.util.find_spec("optimum.quanto") is not None
 FAST = dict(runs=2, warmup=1, size=16, device="cpu")

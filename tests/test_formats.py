@@ -9,7 +9,7 @@ from helpers import forward, inputs, keymap_for, ldm_state, save_ldm, tiny_unet
 from safetensors.torch import save_file
 
 from unetkit import load_unet
-from unetkit.inspect import inspect_file
+from unetkit.inspection import inspect_file
 from unetkit.resolve import open_unet
 
 

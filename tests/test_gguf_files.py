@@ -14,7 +14,7 @@ from unetkit import load_unet, open_unet
 from unetkit.errors import FormatError, QuantError
 from unetkit.formats.gguf import read_gguf
 from unetkit.quant.gguf import quantize
-from unetkit.quantize import quantize_file
+from unetkit.gguf_export import quantize_file
 
 
 def sqnr(ref, x):
@@ -220,7 +220,7 @@ def test_unknown_recipe_and_flavor(src, tmp_path):
 
 
 def test_inspect_gguf_shows_flavor_qtypes_and_bits(src, tmp_path):
-    from unetkit.inspect import inspect_file
+    from unetkit.inspection import inspect_file
 
     _, path = src
     quantize_file(path, tmp_path / "m.gguf", "gguf:Q4_K_M", flavor="comfy")
@@ -228,7 +228,7 @@ def test_inspect_gguf_shows_flavor_qtypes_and_bits(src, tmp_path):
     assert info["format"] == "gguf" and info["gguf_flavor"] == "comfy"
     assert {"Q4_K", "F16", "F32"} <= set(info["dtypes"])
     assert 4 < info["bits_per_weight"] < 16
-    from unetkit.inspect import gguf_flavor
+    from unetkit.inspection import gguf_flavor
 
     src_ = open_unet(tmp_path / "m.gguf")
     src_.checkpoint.metadata.pop("unetkit.flavor")  # a file from another producer: read from names and shapes

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from unetkit import load_unet
-from unetkit.convert import convert
+from unetkit.conversion import convert
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -12,8 +12,8 @@ from helpers import save_ldm, tiny_unet
 
 import unetkit
 from unetkit.cli.main import main
-from unetkit.quantize import quantize_file
-from unetkit.verify import SCHEMA_PATH, verify
+from unetkit.gguf_export import quantize_file
+from unetkit.verification import SCHEMA_PATH, verify
 
 #: tiny models run in milliseconds: small settings keep each test around a second
 TINY = dict(timesteps=3, steps=3, size=16)

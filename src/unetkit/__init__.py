@@ -1,10 +1,17 @@
-"""unetkit: read, convert, quantize and verify Stable Diffusion 1.x/2.x UNet checkpoints."""
+"""unetkit: read, convert, quantize and verify Stable Diffusion UNet checkpoints.
+
+The public API, as lazy attributes (PEP 562): ``import unetkit`` imports neither torch nor diffusers; each name is
+imported from its module on first use. The verbs live in modules whose names are not those of the functions
+(``unetkit.conversion.convert``, ``unetkit.verification.verify``), so no function shadows its module.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING
 
-from unetkit.errors import (  # noqa: E402
+from unetkit._lazy import lazy_attributes
+from unetkit._version import __version__
+from unetkit.errors import (
     BackendUnavailable,
     FormatError,
     KeyMapError,
@@ -15,30 +22,41 @@ from unetkit.errors import (  # noqa: E402
     VerificationFailed,
 )
 
-from unetkit.bench import BenchRecord, bench  # noqa: E402  (``unetkit.bench`` is the function)
-from unetkit.convert import ConvertResult, convert  # noqa: E402
-from unetkit.inspect import inspect_file  # noqa: E402
-from unetkit.load import load_unet  # noqa: E402
-from unetkit.quantize import quantize, save_quantized  # noqa: E402  (``unetkit.quantize`` is the function)
-from unetkit.resolve import UNetSource, open_unet  # noqa: E402
-from unetkit.spec import UNetSpec  # noqa: E402
-from unetkit.verify import Report, verify  # noqa: E402  (``unetkit.verify`` is the function)
+#: public name -> the module that defines it
+_LAZY = {
+    "BenchRecord": "unetkit.benchmarking",
+    "bench": "unetkit.benchmarking",
+    "ConvertResult": "unetkit.conversion",
+    "convert": "unetkit.conversion",
+    "inspect_file": "unetkit.inspection",
+    "load_unet": "unetkit.loading",
+    "quantize": "unetkit.quantization",
+    "save_quantized": "unetkit.quantization",
+    "quantize_file": "unetkit.gguf_export",
+    "UNetSource": "unetkit.resolve",
+    "open_unet": "unetkit.resolve",
+    "UNetSpec": "unetkit.spec",
+    "Report": "unetkit.verification",
+    "verify": "unetkit.verification",
+}
+
+if TYPE_CHECKING:
+    from unetkit.benchmarking import BenchRecord, bench
+    from unetkit.conversion import ConvertResult, convert
+    from unetkit.gguf_export import quantize_file
+    from unetkit.inspection import inspect_file
+    from unetkit.loading import load_unet
+    from unetkit.quantization import quantize, save_quantized
+    from unetkit.resolve import UNetSource, open_unet
+    from unetkit.spec import UNetSpec
+    from unetkit.verification import Report, verify
+
+
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
 
 __all__ = [
     "__version__",
-    "BenchRecord",
-    "ConvertResult",
-    "Report",
-    "UNetSource",
-    "UNetSpec",
-    "bench",
-    "convert",
-    "inspect_file",
-    "load_unet",
-    "open_unet",
-    "quantize",
-    "save_quantized",
-    "verify",
+    *_LAZY,
     "BackendUnavailable",
     "FormatError",
     "KeyMapError",

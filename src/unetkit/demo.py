@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 
 from unetkit import convert, inspect_file, load_unet, open_unet
+from unetkit.dtypes import lookup
 from unetkit.errors import UnetkitError
+from unetkit.provenance import LDM_PREFIX
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
 from unetkit.keymap import KeyMap, Topology
 from unetkit.metrics import compare
-from unetkit.quantize import quantize_file
+from unetkit.gguf_export import quantize_file
 from unetkit.sample import example_inputs
 from unetkit.spec import expected_shapes
 
@@ -51,10 +53,10 @@ def make_default(path: Path, seed: int = 1234, dtype: torch.dtype = torch.float1
             t = torch.randn(shape, generator=g).mul_(0.02)
             return (t.add_(1.0) if norm else t).to(dtype)
 
-        tensors.append(OutTensor("model.diffusion_model." + keymap.to_ldm(name), shape, dtype, load=load))
+        tensors.append(OutTensor(LDM_PREFIX + keymap.to_ldm(name), shape, lookup(dtype).code, load=load))
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # SD's scaled-linear schedule
     for name, value in (("betas", betas), ("alphas_cumprod", torch.cumprod(1 - betas, 0))):
-        tensors.append(OutTensor(name, (1000,), torch.float32, load=lambda v=value: v.float()))
+        tensors.append(OutTensor(name, (1000,), "F32", load=lambda v=value: v.float()))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     write_safetensors(tmp, aligned_order(tensors), {"format": "pt", "unetkit.demo": f"seed={seed}"})
@@ -184,7 +186,7 @@ RUNTIME_METHODS = ("torchao:int8-weight-only", "quanto:qint8")
 def verify_artifacts(src: Path, artifacts: list[Path], size: int, html: Path) -> bool:
     """``unetkit verify`` each artifact against ``src`` (loaded once, fp32) with a small setting; True when every
     lossless one is bit-identical. Writes one HTML page for all of them."""
-    from unetkit.verify import verify, write_html
+    from unetkit.verification import verify, write_html
 
     reference = load_unet(src, dtype=torch.float32)
     reports, ok = [], True

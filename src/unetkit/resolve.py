@@ -17,12 +17,11 @@ from unetkit import formats
 from unetkit.errors import KeyMapError, ModelDetectionError, UnetkitError, list_some
 from unetkit.formats.base import Checkpoint, TensorEntry
 from unetkit.keymap import KeyMap, Topology
+from unetkit.provenance import CONFIG
 from unetkit.keymap.prefixes import EMA_PREFIX, dotless, split_keys
 from unetkit.spec import UNetSpec, clean_config, detect_layout, expected_shapes, family_of, infer_config, variant_of
 
 log = logging.getLogger(__name__)
-
-METADATA_CONFIG_KEY = "unetkit.config"
 
 
 @dataclass
@@ -171,13 +170,13 @@ def _raw_name(keymap: KeyMap, diffusers_key: str, layout: str, prefix: str) -> s
 
 
 def _metadata_config(ckpt: Checkpoint) -> dict[str, Any] | None:
-    raw = ckpt.metadata.get(METADATA_CONFIG_KEY)
+    raw = ckpt.metadata.get(CONFIG)
     if not raw:
         return None
     try:
         return json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ModelDetectionError(f"metadata {METADATA_CONFIG_KEY} is not valid JSON ({e})") from e
+        raise ModelDetectionError(f"metadata {CONFIG} is not valid JSON ({e})") from e
 
 
 def _load_config(config: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:

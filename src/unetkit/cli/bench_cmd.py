@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from unetkit.bench import BenchRecord, bench, results_dict
-from unetkit.bench.variants import GGUF_MODES
+from unetkit.benchmarking.variants import GGUF_MODES
 from unetkit.cli.common import emit_json, human_bytes, table
 from unetkit.formats.atomic import atomic_output, check_output
+
+if TYPE_CHECKING:
+    from unetkit.benchmarking.record import BenchRecord
 
 HELP = "benchmark UNet files and methods: load time, resident memory, sizes, forward latency"
 DESCRIPTION = f"""Benchmark one or more UNet variants and print one table. A VARIANT is PATH or PATH@METHOD; PATH is
@@ -67,6 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _progress_bar(enabled: bool, total: int):
     if not enabled:
         return None, None
+    from tqdm import tqdm
+
     bar = tqdm(total=total, desc="bench", unit="variant", file=sys.stderr)
 
     def progress(done: int, total: int, variant: str, record: BenchRecord | None) -> None:
@@ -100,6 +103,8 @@ def render(records: list[BenchRecord]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unetkit.benchmarking import bench, results_dict
+
     to_stdout = args.json == "-"
     if args.json and not to_stdout:
         check_output(Path(args.json), args.force)  # before the benchmark, not after it

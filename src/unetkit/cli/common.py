@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def emit_json(obj: Any) -> None:
@@ -32,6 +33,8 @@ class ByteBar:
 
     def start(self, total: int) -> None:
         if self.enabled:
+            from tqdm import tqdm  # imported when a bar is shown: tqdm costs 0.1 s of start-up
+
             self.bar = tqdm(total=total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
 
     def update(self, n: int) -> None:

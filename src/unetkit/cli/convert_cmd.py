@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes
-from unetkit.convert import convert
 
 HELP = "convert between the LDM single-file layout and a diffusers UNet folder, bit-exact"
 DESCRIPTION = """Convert a UNet between the original LDM/CompVis single-file layout (model.diffusion_model.*) and the
@@ -40,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unetkit.conversion import convert
+
     with ByteBar("converting", enabled=not args.json and not args.quiet) as bar:
         result = convert(args.input, args.output, to=args.to, dtype=args.dtype, prefix=args.prefix,
                          force=args.force, ema=args.ema, config=args.config, progress=bar.update, on_start=bar.start)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from unetkit.cli.common import ByteBar, emit_json, human_bytes, table
-from unetkit.inspect import inspect_file
 
 HELP = "show format, layout, variant, inferred config, counts, dtypes, ignored keys, suspicious tensors"
 EPILOG = """examples:
@@ -27,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unetkit.inspection import inspect_file
+
     with ByteBar("scanning", enabled=not args.json and not args.no_scan and not args.quiet) as bar:
         report = inspect_file(args.path, scan=not args.no_scan, ema=args.ema, config=args.config,
                               progress=bar.update)

@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from unetkit import __version__
+from unetkit._version import __version__
 from unetkit.errors import UnetkitError
 
 DESCRIPTION = """unetkit: read, convert, quantize and verify Stable Diffusion 1.x/2.x UNet checkpoints.

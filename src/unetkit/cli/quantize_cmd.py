@@ -6,9 +6,8 @@ from __future__ import annotations
 import argparse
 
 from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes, table
-from unetkit.quant.policy import FLAVORS, RECIPES
+from unetkit.quant.gguf.policy import FLAVORS, GGUF_METHOD, RECIPES
 from unetkit.errors import UnetkitError
-from unetkit.quantize import GGUF_METHOD, quantize_file, quantize_to_dir
 
 HELP = "quantize a UNet to GGUF (K-quants included), or with torchao / optimum-quanto to a reloadable folder"
 DESCRIPTION = f"""Quantize any UNet unetkit reads into a GGUF file, one tensor at a time, with encoders that produce
@@ -60,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from unetkit.gguf_export import quantize_file
+
     if not args.method.lower().startswith(GGUF_METHOD):
         return run_runtime(args)
     if args.include or args.exclude:
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_runtime(args: argparse.Namespace) -> int:
+    from unetkit.quantization import quantize_to_dir
+
     if args.keep or args.override or args.flavor != "comfy":
         raise UnetkitError(f"--keep/--override/--flavor are for gguf: methods; {args.method} uses --include/--exclude")
     r = quantize_to_dir(args.input, args.output, args.method, include=args.include, exclude=args.exclude,

@@ -6,10 +6,8 @@ import argparse
 import json
 import sys
 
-from tqdm import tqdm
-
 from unetkit.errors import VerificationFailed
-from unetkit.verify import PRESETS, verify
+from unetkit.verification.presets import PRESETS
 
 HELP = "check a converted or quantized UNet against its reference: exact or measured, with per-layer blame"
 DESCRIPTION = f"""Run REFERENCE and CANDIDATE (any file or folder unetkit reads: safetensors, ckpt, diffusers folder,
@@ -69,6 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from unetkit.verification import verify
+
     from unetkit.formats.atomic import check_output
 
     for out in (args.json, args.html):

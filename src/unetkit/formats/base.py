@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from unetkit import dtypes
+from unetkit.shapes import numel
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -18,7 +22,7 @@ class TensorEntry:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str  # the stored dtype's file code ("F32", "F16", ...; see unetkit.dtypes); quantized tensors: "F32"
     loader: Callable[[], torch.Tensor] = field(repr=False)
     file: Path | None = None
     offset: int | None = None
@@ -28,6 +32,15 @@ class TensorEntry:
     #: quantized tensors: the stored bytes as uint8 (rows, row_bytes), and the stored (maybe reshaped) shape
     raw: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     stored_shape: tuple[int, ...] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype of the tensor as loaded (imports torch)."""
+        return dtypes.BY_CODE[self.code].torch
+
+    @property
+    def floating(self) -> bool:
+        return dtypes.BY_CODE[self.code].floating
 
     def load(self) -> torch.Tensor:
         """The tensor, memory-mapped where the format allows (no copy; pages stay mapped while referenced)."""
@@ -42,10 +55,7 @@ class TensorEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return numel(self.shape)
 
 
 @dataclass
@@ -68,6 +78,8 @@ class Checkpoint:
 def read_range(file: Path | str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
     """The tensor stored contiguously at ``offset`` in ``file``, read with one ``readinto`` into fresh
     (64-byte aligned) memory: no memory map grows the resident set."""
+    import torch
+
     out = torch.empty(shape, dtype=dtype)
     if out.numel():
         view = memoryview(out.view(torch.uint8).numpy()).cast("B")

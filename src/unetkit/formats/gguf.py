@@ -1,99 +1,148 @@
 """GGUF files from every producer: ComfyUI-GGUF, stable-diffusion.cpp, diffusers-style and unetkit's own.
 
-The header is walked here first (magic, version, every KV and tensor info, bounds), so that a damaged file gets an
-error that names the tensor; then gguf-py's ``GGUFReader`` decodes the KV values and memory-maps the data.
-Tensor shapes are reported in torch order (GGUF stores them reversed). ComfyUI-GGUF's reshaped tensors (rows of 256
-with the real shape in ``comfy.gguf.orig_shape.<name>``) come back in their real shape."""
+The header (magic, version, every KV and tensor info) is parsed here by a bounded reader of our own, with neither
+numpy nor torch: ``inspect --no-scan`` of a GGUF costs what reading its header costs, and a damaged file gets an
+error that names the tensor or key. Counts, string lengths and array lengths are checked against the bytes that
+are left before anything is allocated. Tensor data is memory-mapped (copy-on-write: the file never changes) when
+a tensor is first loaded. Shapes are reported in torch order (GGUF stores them reversed). ComfyUI-GGUF's reshaped
+tensors (rows of 256 with the real shape in ``comfy.gguf.orig_shape.<name>``) come back in their real shape.
+
+Writing goes through gguf-py's ``GGUFWriter``.
+"""
 
 from __future__ import annotations
 
 import mmap
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from unetkit.errors import FormatError, QuantError
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.quant.gguf.qtypes import QType, qtype_by_id
+from unetkit.shapes import numel
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 MAGIC = b"GGUF"
 MAX_DIMS = 4
+DEFAULT_ALIGNMENT = 32
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
-# GGUF KV value types: id -> struct format (None: string / array)
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+PLAIN = ("F32", "F16", "BF16")  # ggml types stored as plain little-endian floats (same code as unetkit.dtypes)
+
+# GGUF KV value types, named as gguf-py's GGUFValueType (the test suite checks the numbers against it); gguf-py is not
+# imported here because it imports numpy, which would double the cost of a header-only inspect.
+UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
+SCALAR_FORMATS = {UINT8: "B", INT8: "b", UINT16: "H", INT16: "h", UINT32: "I", INT32: "i", FLOAT32: "f", BOOL: "?",
+                  UINT64: "Q", INT64: "q", FLOAT64: "d"}
+
+#: bounds on what a header may claim, checked before anything is allocated
+MAX_STRING = 16 << 20
+MAX_ARRAY = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order
+    qtype: QType
+    offset: int  # absolute, in the file
+    nbytes: int
 
 
 class _Cursor:
-    def __init__(self, path: Path):
-        self.path = path
-        self.size = path.stat().st_size
-        with open(path, "rb") as f:
-            self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
+    """Reads little-endian values from the memory-mapped header; every read is checked against the file's end."""
+
+    def __init__(self, path: Path, data: Any, size: int):
+        self.path, self.data, self.size = path, data, size
         self.pos = 0
 
     def take(self, fmt: str, what: str) -> Any:
         n = struct.calcsize("<" + fmt)
-        if self.pos + n > len(self.data):
+        if self.pos + n > self.size:
             raise FormatError(f"{self.path}: truncated GGUF header while reading {what} at byte {self.pos}")
         (value,) = struct.unpack_from("<" + fmt, self.data, self.pos)
         self.pos += n
         return value
 
+    def count(self, what: str, item_bytes: int, limit: int) -> int:
+        """A count read from the header, refused when the rest of the file cannot hold that many items."""
+        n: int = self.take("Q", what)
+        if n > limit or n * item_bytes > self.size - self.pos:
+            raise FormatError(
+                f"{self.path}: corrupt GGUF header: {what} is {n}, but the {self.size - self.pos} bytes left "
+                f"cannot hold that many (limit {limit})"
+            )
+        return n
+
     def string(self, what: str) -> str:
-        n = self.take("Q", what + " length")
-        if n > 1 << 20 or self.pos + n > len(self.data):
-            raise FormatError(f"{self.path}: truncated or corrupt GGUF header: {what} claims {n} bytes")
-        raw = self.data[self.pos : self.pos + n]
+        n = self.count(what + " length", 1, MAX_STRING)
+        raw = bytes(self.data[self.pos : self.pos + n])
         self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{self.path}: GGUF header: {what} is not valid UTF-8 ({e})") from e
 
-    def skip_value(self, vtype: int, key: str) -> None:
-        if vtype in _SCALAR:
-            self.take(_SCALAR[vtype], f"value of {key!r}")
-        elif vtype == _STRING:
-            self.string(f"value of {key!r}")
-        elif vtype == _ARRAY:
+    def value(self, vtype: int, key: str, nested: bool = False) -> Any:
+        if vtype in SCALAR_FORMATS:
+            return self.take(SCALAR_FORMATS[vtype], f"value of {key!r}")
+        if vtype == STRING:
+            return self.string(f"value of {key!r}")
+        if vtype == ARRAY and not nested:
             sub = self.take("I", f"array type of {key!r}")
-            count = self.take("Q", f"array length of {key!r}")
-            if sub in _SCALAR:
-                n = struct.calcsize("<" + _SCALAR[sub]) * count
-                if self.pos + n > len(self.data):
-                    raise FormatError(f"{self.path}: truncated GGUF header in array {key!r}")
-                self.pos += n
-            else:
-                for _ in range(count):
-                    self.skip_value(sub, key)
-        else:
-            raise FormatError(f"{self.path}: KV {key!r} has unknown GGUF value type {vtype}")
+            if sub in SCALAR_FORMATS:
+                fmt = SCALAR_FORMATS[sub]
+                n = self.count(f"array length of {key!r}", struct.calcsize(fmt), MAX_ARRAY)
+                values = list(struct.unpack_from(f"<{n}{fmt}", self.data, self.pos))
+                self.pos += n * struct.calcsize(fmt)
+                return values
+            if sub == STRING:
+                n = self.count(f"array length of {key!r}", 8, MAX_ARRAY)
+                return [self.string(f"item of {key!r}") for _ in range(n)]
+            raise FormatError(f"{self.path}: KV {key!r} is an array of GGUF value type {sub}, which is not supported")
+        raise FormatError(f"{self.path}: KV {key!r} has unknown GGUF value type {vtype}")
 
 
-def check_gguf(path: Path) -> list[tuple[str, tuple[int, ...], int, int]]:
-    """Validate the header and return (name, torch-order shape, ggml type id, absolute data offset) per tensor."""
-    from unetkit.quant.gguf import qtype_by_id
+def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
+    """Parse and validate the header: (every KV, decoded; every tensor's info with its absolute data offset)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 24:
+            raise FormatError(f"{path}: {size} bytes is too short for a GGUF file")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse(path, data, size)
+    finally:
+        data.close()
 
-    cur = _Cursor(path)
-    if cur.data[:4] != MAGIC:
-        raise FormatError(f"{path}: not a GGUF file (magic {cur.data[:4]!r}, expected b'GGUF')")
+
+def _parse(path: Path, data: Any, size: int) -> tuple[dict[str, Any], list[TensorInfo]]:
+    cur = _Cursor(path, data, size)
+    if data[:4] != MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r}, expected b'GGUF')")
     cur.pos = 4
     version = cur.take("I", "version")
     if version not in (2, 3):
         raise FormatError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    n_tensors = cur.take("Q", "tensor count")
-    n_kv = cur.take("Q", "KV count")
-    alignment = 32
+    n_tensors = cur.count("tensor count", 24, 1 << 20)  # a tensor info takes at least 24 bytes
+    n_kv = cur.count("KV count", 12, 1 << 20)  # a KV takes at least 12 bytes
+    kv: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string("KV key")
         vtype = cur.take("I", f"type of {key!r}")
-        if key == "general.alignment" and vtype == 4:
-            alignment = cur.take("I", "general.alignment")
-        else:
-            cur.skip_value(vtype, key)
-    infos = []
+        if key in kv:
+            raise FormatError(f"{path}: GGUF header: KV {key!r} appears twice")
+        kv[key] = cur.value(vtype, key)
+    alignment = kv.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise FormatError(f"{path}: general.alignment = {alignment!r}; it must be a positive power of two")
+    raw_infos = []
     for _ in range(n_tensors):
         name = cur.string("tensor name")
         n_dims = cur.take("I", f"dimension count of {name!r}")
@@ -102,10 +151,14 @@ def check_gguf(path: Path) -> list[tuple[str, tuple[int, ...], int, int]]:
         dims = [cur.take("Q", f"dims of {name!r}") for _ in range(n_dims)]
         type_id = cur.take("I", f"type of {name!r}")
         offset = cur.take("Q", f"offset of {name!r}")
-        infos.append((name, tuple(reversed(dims)), type_id, offset))
+        raw_infos.append((name, tuple(reversed(dims)), type_id, offset))
     data_start = cur.pos + (-cur.pos % alignment)
-    out = []
-    for name, shape, type_id, offset in infos:
+    infos: list[TensorInfo] = []
+    seen: set[str] = set()
+    for name, shape, type_id, offset in raw_infos:
+        if name in seen:
+            raise FormatError(f"{path}: tensor {name!r} appears twice in the GGUF header")
+        seen.add(name)
         try:
             q = qtype_by_id(type_id)
         except QuantError as e:
@@ -115,84 +168,90 @@ def check_gguf(path: Path) -> list[tuple[str, tuple[int, ...], int, int]]:
                 f"{path}: tensor {name!r} ({q.name}, shape {list(shape)}): its row of {shape[-1]} elements does not "
                 f"fit the {q.name} block size of {q.block_size}"
             )
-        n = int(np.prod(shape)) // q.block_size * q.type_size
-        if data_start + offset + n > cur.size:
+        n = numel(shape) // q.block_size * q.type_size
+        begin = data_start + offset
+        if begin + n > size:
             raise FormatError(
-                f"{path}: tensor {name!r} needs bytes {data_start + offset}..{data_start + offset + n} but the file "
-                f"ends at {cur.size}: the file is truncated"
+                f"{path}: tensor {name!r} needs bytes {begin}..{begin + n} but the file ends at {size}: the file is "
+                "truncated"
             )
-        out.append((name, shape, type_id, data_start + offset))
-    return out
+        infos.append(TensorInfo(name, shape, q, begin, n))
+    return kv, infos
 
 
 def read_gguf(path: Path) -> Checkpoint:
-    from gguf import GGUFReader
-
-    from unetkit.quant.gguf import dequantize, qtype_by_id
-
     path = Path(path)
-    infos = check_gguf(path)
-    try:
-        reader = GGUFReader(path, mode="c")  # copy-on-write: writable tensors, the file never changes
-    except (ValueError, KeyError, IndexError) as e:
-        raise FormatError(f"{path}: gguf-py could not read the file: {e}") from e
+    kv, infos = read_header(path)
     metadata: dict[str, str] = {}
     orig_shapes: dict[str, tuple[int, ...]] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            value = field.contents()
-        except (ValueError, IndexError) as e:  # kept, with why, rather than dropped without a word
-            metadata[key] = f"<not decodable by gguf-py: {e}>"
-            continue
+    for key, value in kv.items():
         if key.startswith(ORIG_SHAPE_KEY):
-            orig_shapes[key[len(ORIG_SHAPE_KEY) :]] = tuple(int(x) for x in value)
+            if not isinstance(value, list) or not all(isinstance(x, int) and x >= 0 for x in value):
+                raise FormatError(f"{path}: {key} = {value!r}; expected a list of dimensions")
+            orig_shapes[key[len(ORIG_SHAPE_KEY) :]] = tuple(value)
         else:
             metadata[key] = value if isinstance(value, str) else str(value)
-    data = {t.name: t for t in reader.tensors}
+    data = _LazyMap(path)
     entries: dict[str, TensorEntry] = {}
-    for name, stored_shape, type_id, offset in infos:
-        q = qtype_by_id(type_id)
-        shape = orig_shapes.get(name, stored_shape)
-        if int(np.prod(shape)) != int(np.prod(stored_shape)):
+    for info in infos:
+        shape = orig_shapes.get(info.name, info.shape)
+        if numel(shape) != numel(info.shape):
             raise FormatError(
-                f"{path}: {ORIG_SHAPE_KEY}{name} = {list(shape)} does not hold the {int(np.prod(stored_shape))} "
-                f"elements of the stored tensor {list(stored_shape)}"
+                f"{path}: {ORIG_SHAPE_KEY}{info.name} = {list(shape)} does not hold the {numel(info.shape)} "
+                f"elements of the stored tensor {list(info.shape)}"
             )
-        raw = data[name].data
-        nbytes = int(raw.nbytes)
-        if q.name in PLAIN:
-            entries[name] = TensorEntry(name=name, shape=shape, dtype=PLAIN[q.name], file=path, offset=offset,
-                                        nbytes=nbytes, loader=_plain(raw, PLAIN[q.name], shape))
+        q = info.qtype.name
+        if q in PLAIN:
+            entries[info.name] = TensorEntry(name=info.name, shape=shape, code=q, file=path, offset=info.offset,
+                                             nbytes=info.nbytes, loader=_plain(data, info, shape))
         else:
-            entries[name] = TensorEntry(name=name, shape=shape, dtype=torch.float32, nbytes=nbytes, qtype=q.name,
-                                        loader=_dequant(raw, q.name, stored_shape, shape, dequantize),
-                                        raw=_raw(raw, stored_shape, q.name), stored_shape=stored_shape)
+            entries[info.name] = TensorEntry(name=info.name, shape=shape, code="F32", nbytes=info.nbytes, qtype=q,
+                                             loader=_dequant(data, info, shape), raw=_raw(data, info),
+                                             stored_shape=info.shape)
     return Checkpoint(path=path, format="gguf", entries=entries, metadata=metadata, files=(path,))
 
 
-def _plain(raw: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]):
+class _LazyMap:
+    """The file, memory-mapped copy-on-write when the first tensor is loaded (torch wants a writable buffer; nothing
+    is ever written back to the file)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: mmap.mmap | None = None
+
+    def bytes(self, info: TensorInfo) -> torch.Tensor:
+        import torch
+
+        if self.data is None:
+            with open(self.path, "rb") as f:
+                self.data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if not info.nbytes:
+            return torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(self.data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+
+
+def _plain(data: _LazyMap, info: TensorInfo, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+    from unetkit.dtypes import BY_CODE
+
     def load() -> torch.Tensor:
-        t = torch.frombuffer(memoryview(raw).cast("B"), dtype=torch.uint8) if raw.nbytes else torch.empty(0, dtype=torch.uint8)
-        return t.view(dtype).reshape(shape)
+        return data.bytes(info).view(BY_CODE[info.qtype.name].torch).reshape(shape)
 
     return load
 
 
-def _raw(raw: np.ndarray, stored_shape: tuple[int, ...], qtype: str):
+def _raw(data: _LazyMap, info: TensorInfo) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        t = torch.frombuffer(memoryview(raw.reshape(-1)).cast("B"), dtype=torch.uint8)
-        rows = int(np.prod(stored_shape[:-1])) if len(stored_shape) > 1 else 1
-        return t.reshape(rows, -1)
+        rows = numel(info.shape[:-1])
+        return data.bytes(info).reshape(rows, -1)
 
     return load
 
 
-def _dequant(raw: np.ndarray, qtype: str, stored_shape: tuple[int, ...], shape: tuple[int, ...], dequantize):
+def _dequant(data: _LazyMap, info: TensorInfo, shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
     def load() -> torch.Tensor:
-        packed = torch.frombuffer(memoryview(raw.reshape(-1)).cast("B"), dtype=torch.uint8)
-        return dequantize(packed, qtype, stored_shape).reshape(shape)
+        from unetkit.quant.gguf import dequantize
+
+        return dequantize(data.bytes(info), info.qtype.name, info.shape).reshape(shape)
 
     return load
 
@@ -202,7 +261,7 @@ class GGUFOut:
     array (uint8 rows for quantized types and BF16; float32/float16 arrays for F32/F16)."""
 
     def __init__(self, name: str, qtype: str, stored_shape: tuple[int, ...], produce):
-        from unetkit.quant.gguf import n_bytes
+        from unetkit.quant.gguf.qtypes import n_bytes
 
         self.name, self.qtype, self.stored_shape, self.produce = name, qtype, tuple(stored_shape), produce
         self.nbytes = n_bytes(qtype, self.stored_shape)
@@ -214,6 +273,7 @@ def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str
     ``kv`` values: str, int, float, bool, or a list of ints (written as an INT32 array). ``final_kv()``, called
     after the last tensor, gives string values known only then (a hash computed meanwhile); each replaces, in
     place, the placeholder of the same length that ``kv`` holds under that key."""
+    import numpy as np
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
     writer = GGUFWriter(str(path), arch)
@@ -234,7 +294,7 @@ def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str
             writer.add_tensor_info(t.name, t.stored_shape, np.dtype(np.float32 if t.qtype == "F32" else np.float16),
                                    t.nbytes)
         else:
-            rows = int(np.prod(t.stored_shape[:-1])) if len(t.stored_shape) > 1 else 1
+            rows = numel(t.stored_shape[:-1])
             byte_shape = (*t.stored_shape[:-1], t.nbytes // max(rows, 1))
             writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
                                    raw_dtype=GGMLQuantizationType[t.qtype])
@@ -260,7 +320,7 @@ def patch_strings(path: Path, values: dict[str, str], search_bytes: int = 64 << 
         for key, value in values.items():
             k = key.encode()
             v = value.encode()
-            marker = struct.pack("<Q", len(k)) + k + struct.pack("<IQ", 8, len(v))  # 8 = GGUF string type
+            marker = struct.pack("<Q", len(k)) + k + struct.pack("<IQ", STRING, len(v))
             at = head.find(marker)
             if at < 0:
                 raise FormatError(f"{path}: internal error: no string placeholder of {len(v)} bytes for {key!r}")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from unetkit.errors import FormatError
+from unetkit import dtypes
+from unetkit.errors import FormatError, UnetkitError
 from unetkit.formats.base import Checkpoint, TensorEntry
 
 NESTED_KEYS = ("state_dict", "model", "module")
@@ -47,8 +48,12 @@ def read_pickle(path: Path) -> Checkpoint:
     entries = {}
     for name, value in obj.items():
         if isinstance(value, torch.Tensor):
+            try:
+                code = dtypes.lookup(value.dtype).code
+            except UnetkitError as e:
+                raise FormatError(f"{path}: tensor {name!r}: {e}") from e
             entries[name] = TensorEntry(
-                name=name, shape=tuple(value.shape), dtype=value.dtype, loader=_const(value), nbytes=value.nbytes
+                name=name, shape=tuple(value.shape), code=code, loader=_const(value), nbytes=value.nbytes
             )
         else:
             non_tensors[str(name)] = f"non-tensor {type(value).__name__}"

@@ -7,28 +7,21 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
-
+from unetkit.dtypes import BY_CODE
 from unetkit.errors import FormatError
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.shapes import numel
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER = 100 * 1024 * 1024
 ALIGN = 64
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def read_header(path: Path) -> tuple[int, dict]:
@@ -55,12 +48,12 @@ def read_header(path: Path) -> tuple[int, dict]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[info["dtype"]]
+            item = BY_CODE[info["dtype"]].itemsize
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
-        expected = itemsize(dtype) * _prod(shape)
+        expected = item * numel(shape)
         if end - begin != expected:
             raise FormatError(
                 f"{path}: tensor {name!r} ({info['dtype']} {list(shape)}) needs {expected} bytes "
@@ -78,10 +71,7 @@ def read_safetensors(path: Path) -> Checkpoint:
     path = Path(path)
     hlen, header = read_header(path)
     meta = header.pop("__metadata__", None) or {}
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # the library's own error type is not importable across versions
-        raise FormatError(f"{path}: safetensors could not open the file: {e}") from e
+    handle = _LazyHandle(path)
     entries = {}
     base = 8 + hlen
     for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -89,7 +79,7 @@ def read_safetensors(path: Path) -> Checkpoint:
         entries[name] = TensorEntry(
             name=name,
             shape=tuple(info["shape"]),
-            dtype=DTYPES[info["dtype"]],
+            code=info["dtype"],
             loader=_getter(handle, name),
             file=path,
             offset=base + begin,
@@ -98,15 +88,28 @@ def read_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path=path, format="safetensors", entries=entries, metadata=dict(meta), files=(path,))
 
 
-def _getter(handle, name: str) -> Callable[[], torch.Tensor]:
+class _LazyHandle:
+    """The safetensors library's memory-mapped reader, opened when the first tensor is loaded: reading names and
+    shapes (inspect --no-scan, convert --dtype keep) then needs neither the library's handle nor torch."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.handle: Any = None
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if self.handle is None:
+            from safetensors import safe_open
+
+            try:
+                self.handle = safe_open(str(self.path), framework="pt", device="cpu")
+            except Exception as e:  # the library's own error type is not importable across versions
+                raise FormatError(f"{self.path}: safetensors could not open the file: {e}") from e
+        tensor: torch.Tensor = self.handle.get_tensor(name)
+        return tensor
+
+
+def _getter(handle: _LazyHandle, name: str) -> Callable[[], torch.Tensor]:
     return lambda: handle.get_tensor(name)
-
-
-def _prod(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @dataclass
@@ -116,21 +119,21 @@ class OutTensor:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str  # the file dtype code, "F32", "F16", ... (unetkit.dtypes)
     load: Callable[[], torch.Tensor] | None = None
     src_file: Path | None = None
     src_offset: int | None = None
 
     @property
     def nbytes(self) -> int:
-        return itemsize(self.dtype) * _prod(self.shape)
+        return BY_CODE[self.code].itemsize * numel(self.shape)
 
 
 def header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": t.code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     # Pad with spaces (valid JSON whitespace) so the data section starts 64-byte aligned: memory-mapped tensors
@@ -193,11 +196,13 @@ def write_safetensors(
 
 def _write_tensor(out, t: OutTensor, path: Path) -> None:
     assert t.load is not None  # an OutTensor has either a byte range or a loader
+    import torch
+
     tensor = t.load()
-    if tuple(tensor.shape) != tuple(t.shape) or tensor.dtype != t.dtype:
+    if tuple(tensor.shape) != tuple(t.shape) or tensor.dtype != BY_CODE[t.code].torch:
         raise FormatError(
             f"{path}: internal error writing {t.name!r}: got {tensor.dtype} {list(tensor.shape)}, "
-            f"header says {t.dtype} {list(t.shape)}"
+            f"header says {t.code} {list(t.shape)}"
         )
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel():

@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from unetkit.provenance import LDM_PREFIX
+
 #: The prefixes a UNet's own names are found under, most specific first.
-UNET_PREFIXES = ("model.diffusion_model.", "unet.")
+UNET_PREFIXES = (LDM_PREFIX, "unet.")
 EMA_PREFIX = "model_ema."
 EMA_UNET_PREFIX = "model_ema.diffusion_model"  # LitEma strips the dots: model_ema.diffusion_modelinput_blocks00weight
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from torch import nn
 
 from unetkit.errors import BackendUnavailable, QuantError
-from unetkit.quant.policy import matches
+from unetkit.quant.globs import matches
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel

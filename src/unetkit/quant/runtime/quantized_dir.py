@@ -68,15 +68,18 @@ def save_quantized(unet: UNet2DConditionModel, report: QuantReport, out: str | P
     """Write the quantized ``unet`` (as returned by ``unetkit.quantize``) and its report to the folder ``out``,
     atomically (an existing ``out`` needs ``force``)."""
     from unetkit.formats.atomic import atomic_output
-    from unetkit.formats.safetensors_io import DTYPE_NAMES
+    from unetkit.dtypes import lookup
     from unetkit.spec import diffusers_config_json
 
     out = Path(out)
     be, scheme = parse_method(report.method)
     tensors, state = be.export(unet, report.decisions)
+    codes = {}
     for name, t in tensors.items():
-        if t.dtype not in DTYPE_NAMES:
-            raise FormatError(f"{out / WEIGHTS}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        try:
+            codes[name] = lookup(t.dtype).code
+        except UnetkitError as e:
+            raise FormatError(f"{out / WEIGHTS}: tensor {name!r}: {e}") from e
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -86,7 +89,7 @@ def save_quantized(unet: UNet2DConditionModel, report: QuantReport, out: str | P
         "dtype": str(compute_dtype(unet)).removeprefix("torch."),
         "versions": report.versions,
         "weights": WEIGHTS,
-        "tensors": {k: {"dtype": DTYPE_NAMES[v.dtype], "shape": list(v.shape)} for k, v in tensors.items()},
+        "tensors": {k: {"dtype": codes[k], "shape": list(v.shape)} for k, v in tensors.items()},
         "backend_state": state,
         "report": report.to_dict(),
     }
@@ -179,13 +182,11 @@ def _check_tensors(entries: dict, expected: dict[str, dict], weights: Path) -> N
     if missing or extra:
         raise KeyMapError(f"{weights}: stored tensors do not match {MANIFEST}: missing {list_some(missing) or 'none'}; "
                           f"unexpected {list_some(extra) or 'none'}")
-    from unetkit.formats.safetensors_io import DTYPE_NAMES
-
     for name, want in expected.items():
         e = entries[name]
-        if list(e.shape) != list(want.get("shape", [])) or DTYPE_NAMES.get(e.dtype) != want.get("dtype"):
+        if list(e.shape) != list(want.get("shape", [])) or e.code != want.get("dtype"):
             raise KeyMapError(f"{weights}: tensor {name!r}: expected {want.get('dtype')} {want.get('shape')}, "
-                              f"found {DTYPE_NAMES.get(e.dtype)} {list(e.shape)}")
+                              f"found {e.code} {list(e.shape)}")
 
 
 def _check_versions(manifest: dict, mf: Path) -> None:

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 import unetkit.errors as errors
-from unetkit.bench.measure import MIB, file_bytes, rss_bytes, synchronize, time_calls
-from unetkit.bench.record import BenchRecord
-from unetkit.bench.variants import Variant, parse_variant
+from unetkit.benchmarking.measure import MIB, file_bytes, rss_bytes, synchronize, time_calls
+from unetkit.benchmarking.record import BenchRecord
+from unetkit.benchmarking.variants import Variant, parse_variant
 from unetkit.dtypes import compute_dtype
 from unetkit.errors import BackendUnavailable, UnetkitError
 
@@ -98,7 +98,7 @@ def bench(
     isolate: bool = True,
     progress: Progress | None = None,
 ) -> list[BenchRecord]:
-    """Benchmark each variant (``PATH`` or ``PATH@METHOD``, see ``unetkit.bench.variants``): load time, resident
+    """Benchmark each variant (``PATH`` or ``PATH@METHOD``, see ``unetkit.benchmarking.variants``): load time, resident
     memory, file size, weight size and forward latency (``warmup`` untimed runs, then ``runs`` timed ones:
     median, min, max, IQR) at latent ``size`` x ``size``, ``batch`` samples, inputs seeded by ``seed``.
 
@@ -163,7 +163,7 @@ def _forward_fn(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Calla
 def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolated: bool = False) -> BenchRecord:
     """Measure one variant in this process (see the module docstring for the steps)."""
     from unetkit.dtypes import short
-    from unetkit.load import load_unet
+    from unetkit.loading import load_unet
     from unetkit.metrics import weight_bytes
     from unetkit.sample import example_inputs
 
@@ -182,7 +182,7 @@ def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolat
         synchronize(device)
         t1 = time.perf_counter()
         if variant.runtime_method is not None:
-            from unetkit.quantize import quantize
+            from unetkit.quantization import quantize
 
             quantize(unet, variant.runtime_method)
             synchronize(device)
@@ -236,12 +236,12 @@ def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
 
 
 def run_isolated(variant: Variant, settings: Settings) -> BenchRecord:
-    """Measure one variant in a fresh ``python -m unetkit.bench.worker`` (request as JSON on stdin, the record as
+    """Measure one variant in a fresh ``python -m unetkit.benchmarking.worker`` (request as JSON on stdin, the record as
     JSON on the last line of stdout). A failure raises ``UnetkitError`` naming the variant, with the worker's
     stderr tail."""
     request = json.dumps({"variant": variant.to_dict(), "settings": asdict(settings),
                           "log_level": logging.getLogger().getEffectiveLevel()})
-    cmd = [sys.executable, "-m", "unetkit.bench.worker"]
+    cmd = [sys.executable, "-m", "unetkit.benchmarking.worker"]
     log.debug("running %s for %s", " ".join(cmd), variant.text)
     try:
         proc = subprocess.run(cmd, input=request, capture_output=True, text=True, env=_worker_env(), check=False)

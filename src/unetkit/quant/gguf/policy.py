@@ -29,13 +29,15 @@ Flavors (what the consumer can read):
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from unetkit.errors import QuantError
+from unetkit.provenance import LDM_PREFIX
+from unetkit.quant.globs import matches
 from unetkit.quant.gguf.qtypes import qtype_by_name
 
+GGUF_METHOD = "gguf:"  # the prefix of every GGUF method name: gguf:Q4_K_M
 FLAVORS = ("comfy", "sdcpp", "diffusers")
 RESHAPE_ROW = 256  # ComfyUI-GGUF's row length for reshaped tensors
 SDCPP_MAX_NAME = 127
@@ -100,14 +102,6 @@ class Recipe:
         return Recipe(key, flavor, tuple(keep), tuple(pairs))
 
 
-def matches(name: str, pattern: str) -> bool:
-    """Glob match on the whole name; a pattern without wildcards matches any name containing it as dotted parts
-    (``attn2.to_v`` matches ``...attn2.to_v.weight``)."""
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return f".{pattern}." in f".{name}." or name == pattern
-
-
 def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None) -> Decision:
     """The decision for one tensor. ``is_linear``: the tensor is an nn.Linear weight (needed by the diffusers
     flavor; inferred from the shape when None: 2-D means Linear in an SD UNet)."""
@@ -161,9 +155,9 @@ def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe,
     """Decisions for every (LDM name, shape), in order; checks the flavor's name limits."""
     out = []
     for name, shape in tensors:
-        if recipe.flavor == "sdcpp" and len(("model.diffusion_model." + name).encode()) > SDCPP_MAX_NAME:
+        if recipe.flavor == "sdcpp" and len((LDM_PREFIX + name).encode()) > SDCPP_MAX_NAME:
             raise QuantError(
-                f"tensor name 'model.diffusion_model.{name}' is longer than {SDCPP_MAX_NAME} bytes, the most "
+                f"tensor name '{LDM_PREFIX}{name}' is longer than {SDCPP_MAX_NAME} bytes, the most "
                 "stable-diffusion.cpp's ggml build holds; use --flavor comfy (names without prefix)"
             )
         out.append(decide(name, shape, recipe, None if linear_names is None else name in linear_names))

@@ -126,7 +126,7 @@ class Report:
         return path
 
     def write_html(self, path: str | Path, force: bool = False) -> Path:
-        from unetkit.verify.html import write_html
+        from unetkit.verification.html import write_html
 
         return write_html([self], path, force=force)
 

@@ -1,4 +1,4 @@
-"""``python -m unetkit.bench.worker``: measure one variant in this fresh process.
+"""``python -m unetkit.benchmarking.worker``: measure one variant in this fresh process.
 
 Protocol: one JSON request on stdin ``{"variant": Variant.to_dict(), "settings": Settings fields, "log_level": int}``;
 one JSON line on stdout, the last line it writes: the ``BenchRecord`` as a dict, or ``{"error": message,
@@ -29,8 +29,8 @@ def main() -> int:
             for noisy in ("torchao", "diffusers", "torch", "optimum"):
                 logging.getLogger(noisy).setLevel(logging.ERROR)
 
-        from unetkit.bench.runner import Settings, measure_variant
-        from unetkit.bench.variants import Variant
+        from unetkit.benchmarking.runner import Settings, measure_variant
+        from unetkit.benchmarking.variants import Variant
         from unetkit.errors import UnetkitError
 
         try:

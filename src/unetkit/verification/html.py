@@ -18,7 +18,7 @@ from unetkit.errors import BackendUnavailable
 from unetkit.formats.atomic import atomic_output
 
 if TYPE_CHECKING:
-    from unetkit.verify.report import Report
+    from unetkit.verification.report import Report
 
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;padding:0 1em}

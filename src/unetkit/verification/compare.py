@@ -28,17 +28,14 @@ import unetkit
 from unetkit.dtypes import compute_dtype
 from unetkit.errors import UnetkitError
 from unetkit.metrics import compare
-from unetkit.verify.blame import blame as run_blame
-from unetkit.verify.inputs import DEFAULT_GUIDANCE, SCHEDULERS, make_inputs, make_scheduler, spread_timesteps
-from unetkit.verify.report import Report, Side
+from unetkit.verification.blame import blame as run_blame
+from unetkit.verification.inputs import DEFAULT_GUIDANCE, SCHEDULERS, make_inputs, make_scheduler, spread_timesteps
+from unetkit.verification.presets import PRESETS
+from unetkit.verification.report import Report, Side
 
 log = logging.getLogger(__name__)
 
 #: (timesteps, sampling steps) per preset; LCM samples in few steps
-PRESETS = {
-    "default": {"timesteps": 10, "steps": 20, "lcm_steps": 4},
-    "quick": {"timesteps": 2, "steps": 3, "lcm_steps": 2},
-}
 
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
@@ -65,7 +62,7 @@ def verify(
     progress: Progress | None = None,
 ) -> Report:
     """Compare ``candidate`` with ``reference`` (paths ``load_unet`` reads, or loaded UNets) and return a
-    :class:`~unetkit.verify.report.Report`. ``exact``: None decides (exact when neither side is quantized and the
+    :class:`~unetkit.verification.report.Report`. ``exact``: None decides (exact when neither side is quantized and the
     dtypes agree). ``min_sqnr``: the report fails below it (dB, worst timestep and final latents). ``quick``:
     fewer timesteps and steps (about 2 minutes for a full-size SD1.5 on 2 CPU cores instead of about 10). Nothing
     is raised for a failing verification: see ``report.passed`` (the CLI turns it into exit code 1)."""
@@ -161,7 +158,7 @@ def _load(src: str | Path | nn.Module, dtype, role: str) -> tuple[nn.Module, Sid
 
             model = model.to(parse_dtype(dtype))
     else:
-        from unetkit.load import _is_quantized_dir
+        from unetkit.loading import _is_quantized_dir
         from unetkit.resolve import open_unet
 
         path = Path(src)

@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from unetkit.dtypes import short
 from unetkit.resolve import open_unet
 
-GGML_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+if TYPE_CHECKING:
+    import torch
 
 
 def inspect_file(
@@ -28,7 +27,7 @@ def inspect_file(
     ckpt = source.checkpoint
     dtypes: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
     for entry in source.tensors.values():
-        label = entry.qtype or (GGML_NAMES.get(entry.dtype) if ckpt.format == "gguf" else None) or short(entry.dtype)
+        label = entry.qtype or (entry.code if ckpt.format == "gguf" else short(entry.code))
         row = dtypes[label]
         row["tensors"] += 1
         row["parameters"] += entry.numel
@@ -87,6 +86,8 @@ def gguf_flavor(source) -> str:
 
 
 def _problem(t: torch.Tensor) -> str | None:
+    import torch
+
     if not t.dtype.is_floating_point:
         return None
     finite = torch.isfinite(t)

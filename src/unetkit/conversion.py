@@ -5,29 +5,27 @@ the input's bytes."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-import unetkit
-from unetkit.dtypes import parse_dtype, short
+from unetkit.dtypes import BY_CODE, parse_code, short
 from unetkit.errors import UnetkitError
 from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry
 from unetkit.formats.hashing import FileHasher
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
-from unetkit.resolve import METADATA_CONFIG_KEY, UNetSource, open_unet
+from unetkit.provenance import DTYPE, LDM_PREFIX, SOURCE_SHA256, metadata_for
+from unetkit.resolve import UNetSource, open_unet
 from unetkit.spec import diffusers_config_json
 
-LDM_PREFIX = "model.diffusion_model."
+if TYPE_CHECKING:
+    import torch
+
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TARGETS = ("diffusers", "ldm")
-SHA_PLACEHOLDER = "0" * 64
 
 
 @dataclass
@@ -53,7 +51,7 @@ def convert(
     src: str | Path,
     out: str | Path,
     to: str = "diffusers",
-    dtype: str | torch.dtype | None = "keep",
+    dtype: Any = "keep",
     *,
     prefix: bool = True,
     force: bool = False,
@@ -76,15 +74,14 @@ def convert(
     src, out = Path(src), Path(out)
     check_output(out, force, inputs=(src,))
     source = open_unet(src, ema=ema, config=config)
-    target = parse_dtype(dtype)
+    target = parse_code(dtype)  # a file code: 'keep' needs no torch, and byte copies never import it
     hasher = FileHasher(source.checkpoint.files)
     tensors, copied, changed = _plan(source, to, target, prefix)
     total = sum(t.nbytes for t in tensors)
-    meta = metadata_for(source, layout=to, extra={"unetkit.dtype": short(target) if target else "keep"})
-    meta["unetkit.source_sha256"] = SHA_PLACEHOLDER
+    meta = metadata_for(source.spec, source.path, layout=to, extra={DTYPE: short(target) if target else "keep"})
 
     def final_meta() -> dict[str, str]:
-        return {**meta, "unetkit.source_sha256": hasher.result()}
+        return {**meta, SOURCE_SHA256: hasher.result()}
 
     if on_start:
         on_start(total)
@@ -118,39 +115,21 @@ def output_name(source: UNetSource, diffusers_name: str, to: str, prefix: bool) 
     return (LDM_PREFIX if prefix else "") + source.ldm_name(diffusers_name)
 
 
-def _plan(source: UNetSource, to: str, target: torch.dtype | None, prefix: bool):
+def _plan(source: UNetSource, to: str, target: str | None, prefix: bool) -> tuple[list[OutTensor], int, int]:
     tensors: list[OutTensor] = []
     copied = changed = 0
     for name, entry in source.tensors.items():
-        dtype = target if (target is not None and entry.dtype.is_floating_point) else entry.dtype
-        if entry.qtype is not None and target is None:
-            dtype = torch.float32  # quantized storage is decoded; 'keep' means float32 then
-        out = OutTensor(name=output_name(source, name, to, prefix), shape=tuple(entry.shape), dtype=dtype)
-        if entry.qtype is None and dtype == entry.dtype and entry.file is not None and entry.offset is not None:
+        code = target if (target is not None and entry.floating) else entry.code  # quantized entries decode to F32
+        out = OutTensor(name=output_name(source, name, to, prefix), shape=tuple(entry.shape), code=code)
+        if entry.qtype is None and code == entry.code and entry.file is not None and entry.offset is not None:
             out.src_file, out.src_offset = entry.file, entry.offset
             copied += out.nbytes
         else:
-            out.load = _loader(entry, dtype)
-            changed += dtype != entry.dtype
+            out.load = _loader(entry, code)
+            changed += code != entry.code
         tensors.append(out)
     return aligned_order(tensors), copied, changed
 
 
-def _loader(entry: TensorEntry, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-    return lambda: entry.read().to(dtype)
-
-
-def metadata_for(source: UNetSource, layout: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The provenance every unetkit output carries (safetensors and GGUF alike)."""
-    meta = {
-        "format": "pt",
-        "unetkit.version": unetkit.__version__,
-        "unetkit.source_name": source.path.name,
-        "unetkit.variant": source.spec.variant,
-        "unetkit.layout": layout,
-        METADATA_CONFIG_KEY: json.dumps(source.spec.config, sort_keys=True),
-    }
-    if source.spec.time_cond_proj_dim:
-        meta["unetkit.time_cond_proj_dim"] = str(source.spec.time_cond_proj_dim)
-    meta.update(extra or {})
-    return meta
+def _loader(entry: TensorEntry, code: str) -> Callable[[], torch.Tensor]:
+    return lambda: entry.read().to(BY_CODE[code].torch)

@@ -18,18 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-import unetkit
+from unetkit.dtypes import BY_CODE
 from unetkit.errors import UnetkitError
 from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry, read_range
 from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, write_gguf
 from unetkit.formats.hashing import FileHasher
-from unetkit.quant.policy import Decision, Recipe, plan
-from unetkit.convert import SHA_PLACEHOLDER
-from unetkit.resolve import METADATA_CONFIG_KEY, open_unet
+from unetkit.quant.gguf.policy import GGUF_METHOD, Decision, Recipe, plan
+from unetkit.provenance import DECISIONS, FLAVOR, LDM_PREFIX, METHOD, SOURCE_SHA256, metadata_for
+from unetkit.resolve import open_unet
+from unetkit.shapes import numel
 
-LDM_PREFIX = "model.diffusion_model."
-GGUF_METHOD = "gguf:"
 
 
 @dataclass
@@ -92,26 +91,20 @@ def quantize_file(
         if dec.stored_shape != dec.shape:
             kv[ORIG_SHAPE_KEY + written] = list(dec.shape)
     hasher = FileHasher(source.checkpoint.files)
-    meta = {
-        "unetkit.version": unetkit.__version__,
-        "unetkit.method": f"gguf:{recipe.name}",
-        "unetkit.flavor": recipe.flavor,
-        "unetkit.variant": source.spec.variant,
-        "unetkit.source_name": source.path.name,
-        METADATA_CONFIG_KEY: json.dumps(source.spec.config, sort_keys=True),
-        "unetkit.decisions": json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
-    }
-    if source.spec.time_cond_proj_dim:
-        meta["unetkit.time_cond_proj_dim"] = int(source.spec.time_cond_proj_dim)
+    meta = metadata_for(source.spec, source.path, layout="ldm", extra={
+        METHOD: f"gguf:{recipe.name}",
+        FLAVOR: recipe.flavor,
+        DECISIONS: json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
+    })
+    del meta["format"]  # a safetensors convention; GGUF has general.* keys
     total = sum(t.nbytes for t in tensors)
     if on_start:
         on_start(total)
     # the header is written first; the source hash, computed meanwhile on the other core, is patched in at the end
-    meta["unetkit.source_sha256"] = SHA_PLACEHOLDER
     with (pool or contextlib.nullcontext()), atomic_output(out, force=force) as tmp:
         hasher.start()  # after the encoder processes are forked
         write_gguf(tmp, tensors, {**meta, **kv}, arch="sd1", progress=progress,
-                   final_kv=lambda: {"unetkit.source_sha256": hasher.result()})
+                   final_kv=lambda: {SOURCE_SHA256: hasher.result()})
     return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(),
                      time.perf_counter() - t0)
 
@@ -140,11 +133,11 @@ class _EncoderPool:
         jobs = {}
         for i, (e, dec) in enumerate(zip(entries, decisions)):
             if dec.qtype not in ("F32", "F16", "BF16") and e.qtype is None and e.file is not None \
-                    and e.offset is not None and e.dtype in (torch.float32, torch.float16, torch.bfloat16):
-                jobs[i] = (str(e.file), e.offset, str(e.dtype).removeprefix("torch."), tuple(e.shape),
+                    and e.offset is not None and e.code in ("F32", "F16", "BF16"):
+                jobs[i] = (str(e.file), e.offset, e.code, tuple(e.shape),
                            tuple(dec.stored_shape), dec.qtype, e.name)
         if workers is None:
-            n_bytes = sum(int(np.prod(j[3])) * 4 for j in jobs.values())
+            n_bytes = sum(numel(j[3]) * 4 for j in jobs.values())
             workers = (os.cpu_count() or 1) if n_bytes >= PARALLEL_MIN_BYTES else 0
         return cls(jobs, workers) if workers > 1 and jobs else None
 
@@ -196,12 +189,12 @@ def _encoder_ready() -> int:
     return os.getpid()
 
 
-def _encode_job(file: str, offset: int, dtype: str, shape: tuple[int, ...], stored_shape: tuple[int, ...],
+def _encode_job(file: str, offset: int, code: str, shape: tuple[int, ...], stored_shape: tuple[int, ...],
                 qtype: str, name: str) -> bytes:
     """In an encoder process: read one tensor's bytes from ``file`` and encode them as ``qtype``."""
     from unetkit.quant.gguf import quantize
 
-    t = read_range(file, offset, shape, getattr(torch, dtype), name)
+    t = read_range(file, offset, shape, BY_CODE[code].torch, name)
     return quantize(t.to(torch.float32).reshape(stored_shape), qtype, name=name).numpy().tobytes()
 
 
@@ -224,7 +217,7 @@ def summarize(out: Path, recipe: Recipe, variant: str, decisions: list[Decision]
     by_qtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
     params = 0
     for dec, t in zip(decisions, tensors):
-        n = int(np.prod(dec.shape))
+        n = numel(dec.shape)
         row = by_qtype[dec.qtype]
         row["tensors"] += 1
         row["parameters"] += n
@@ -239,69 +232,3 @@ def summarize(out: Path, recipe: Recipe, variant: str, decisions: list[Decision]
     )
 
 
-# ------------------------------------------------------------------------------------- runtime (torchao, quanto)
-
-
-def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None):
-    """Quantize a live diffusers UNet in place with a runtime backend; returns ``(unet, QuantReport)``.
-
-    ``method``: torchao:int8-weight-only, torchao:int8-dynamic, torchao:float8-weight-only,
-    torchao:int4-weight-only (CUDA only), quanto:qint8, quanto:qint4, quanto:qint2, quanto:qfloat8.
-    ``include``/``exclude``: globs on diffusers module names. Precedence: ``exclude`` keeps a module; else
-    ``include`` quantizes it, even one of the default exclusions (conv_in, conv_out, time_embedding incl. LCM's
-    cond_proj, norms); else, when ``include`` was given, the module is kept; else the default exclusions apply.
-    Every Linear and Conv2d (1x1 and 3x3) is a candidate; the report lists each module's decision and reason and
-    the coverage per module kind. A method that cannot run here raises ``BackendUnavailable`` saying why and what
-    would work; an unknown one raises ``QuantError`` listing the known ones. Save the result with
-    :func:`save_quantized`; ``unetkit.load_unet(folder)`` reloads it without re-quantizing.
-    GGUF methods (``gguf:<recipe>``) write files: use :func:`quantize_file`.
-    """
-    from unetkit.quant.runtime.base import QuantReport, parse_method, plan_modules
-    from unetkit.quant.runtime.quantized_dir import library_versions
-
-    if method.lower().startswith(GGUF_METHOD):
-        raise UnetkitError(f"{method}: GGUF methods write a file; use unetkit.quantize.quantize_file(src, out, "
-                           f"method={method!r}) or `unetkit quantize IN OUT.gguf --method {method}`")
-    if getattr(unet, "unetkit_quant_report", None) is not None:
-        raise UnetkitError(f"this UNet is quantized already ({unet.unetkit_quant_report.method}); "
-                           "quantize a float UNet")
-    be, scheme = parse_method(method)
-    be.check_available(scheme, unet)
-    include = [include] if isinstance(include, str) else (list(include) if include is not None else None)
-    exclude = [exclude] if isinstance(exclude, str) else (list(exclude) if exclude is not None else None)
-    candidates = plan_modules(unet, include, exclude)
-    with torch.no_grad():
-        decisions = be.apply(unet, scheme, candidates)
-    report = QuantReport(method=f"{be.name}:{scheme}", backend=be.name, versions={**library_versions(),
-                         **be.versions()}, decisions=decisions, include=include, exclude=exclude)
-    unet.unetkit_quant_report = report
-    return unet, report
-
-
-def save_quantized(unet, out: str | Path, report=None, *, force: bool = False) -> Path:
-    """Write a UNet quantized by :func:`quantize` to the folder ``out`` (config.json, unetkit_quant.safetensors,
-    unetkit_quant.json); ``unetkit.load_unet(out)`` reloads it."""
-    from unetkit.quant.runtime.quantized_dir import save_quantized as save
-
-    report = report if report is not None else getattr(unet, "unetkit_quant_report", None)
-    if report is None:
-        raise UnetkitError("this UNet was not quantized by unetkit.quantize: nothing to save as a quantized folder")
-    return save(unet, report, out, force=force)
-
-
-def quantize_to_dir(src: str | Path, out: str | Path, method: str, *, include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, force: bool = False, ema: bool = False,
-                    config: Mapping[str, Any] | str | Path | None = None):
-    """``unetkit quantize IN OUT --method torchao:...|quanto:...``: load ``src`` (any input unetkit reads),
-    quantize it, write the folder ``out``. Returns the QuantReport."""
-    from unetkit.load import load_unet
-    from unetkit.quant.runtime.base import parse_method
-
-    src, out = Path(src), Path(out)
-    check_output(out, force, inputs=(src,))
-    be, scheme = parse_method(method)
-    be.check_available(scheme)  # before the (slow) load
-    unet = load_unet(src, ema=ema, config=config)
-    unet, report = quantize(unet, method, include=include, exclude=exclude)
-    save_quantized(unet, out, report, force=force)
-    return report
