@@ -80,7 +80,10 @@ def quantize_file(
     check_output(out, force, inputs=(src,))
     source = open_unet(src, ema=ema, config=config)
     ldm_names = {d: source.ldm_name(d) for d in source.tensors}
-    decisions = plan([(ldm_names[d], e.shape) for d, e in source.tensors.items()], recipe)
+    family = source.spec.model_family
+    sensitive = {ldm_names[d]: why for d in source.tensors
+                 if len(source.tensors[d].shape) > 1 and (why := family.sensitive_reason(d.rsplit(".", 1)[0]))}
+    decisions = plan([(ldm_names[d], e.shape) for d, e in source.tensors.items()], recipe, sensitive=sensitive)
     prefix = "" if recipe.flavor == "comfy" else LDM_PREFIX
     tensors, kv = [], {}
     pool = _EncoderPool.for_plan(list(source.tensors.values()), decisions, workers)
@@ -103,7 +106,7 @@ def quantize_file(
     # the header is written first; the source hash, computed meanwhile on the other core, is patched in at the end
     with (pool or contextlib.nullcontext()), atomic_output(out, force=force) as tmp:
         hasher.start()  # after the encoder processes are forked
-        write_gguf(tmp, tensors, {**meta, **kv}, arch="sd1", progress=progress,
+        write_gguf(tmp, tensors, {**meta, **kv}, arch=family.gguf_architecture, progress=progress,
                    final_kv=lambda: {SOURCE_SHA256: hasher.result()})
     return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(),
                      time.perf_counter() - t0)

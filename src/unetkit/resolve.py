@@ -19,7 +19,8 @@ from unetkit.formats.base import Checkpoint, TensorEntry
 from unetkit.keymap import KeyMap, Topology
 from unetkit.provenance import CONFIG
 from unetkit.keymap.prefixes import EMA_PREFIX, dotless, split_keys
-from unetkit.spec import UNetSpec, clean_config, detect_layout, expected_shapes, family_of, infer_config, variant_of
+from unetkit import families
+from unetkit.spec import UNetSpec, clean_config, detect_layout, expected_shapes, infer_config
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,13 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
             break
     assumptions: list[str] = []
     if config is None:
-        config, assumptions = infer_config(names_topo, shapes)
-    variant = variant_of(config)
+        family, config, assumptions = infer_config(names_topo, shapes)
+    else:
+        family = families.for_config(config)
+    variant = family.variant(config)
     topo = Topology.from_config(config)
     topo.check_supported()
+    family.check_topology(topo)
     if topo != names_topo:
         keymap = KeyMap.for_topology(topo)
 
@@ -149,7 +153,7 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
         )
     spec = UNetSpec(
         layout=layout,
-        family=family_of(config),
+        family=family.name,
         variant=variant,
         config=config,
         config_source=source,

@@ -1,9 +1,9 @@
-"""UNetSpec: layout, variant and a complete diffusers config, inferred from tensor names and shapes alone.
+"""UNetSpec: layout, family, variant and a complete diffusers config, inferred from tensor names and shapes alone.
 
-No Hub, no yaml, no network. What the weights cannot tell (GroupNorm group count, attention head count,
-sample size) is filled with the SD1.x/2.x convention and listed in ``assumptions``; a config stored by unetkit in
-the file's metadata, a diffusers ``config.json`` or one given by the user takes precedence and is checked
-against every tensor shape."""
+No Hub, no yaml, no network. What the weights cannot tell (GroupNorm group count, attention head count, sample
+size) is filled with the family's convention (``families/``) and listed in ``assumptions``; a config stored by
+unetkit in the file's metadata, a diffusers ``config.json`` or one given by the user takes precedence and is checked
+against every tensor shape. Importing this module imports no torch."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from unetkit import families
 from unetkit.errors import ModelDetectionError
+from unetkit.families.base import Family
 from unetkit.keymap.topology import COND_PROJ, Topology, resnet_channels
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import UNet2DConditionModel
 
 Shape = tuple[int, ...]
 
@@ -35,28 +39,20 @@ LOOKS_LIKE = (
     (("control_model.", "zero_convs.", "input_hint_block."), "a ControlNet"),
 )
 
-#: Config fields fixed by every SD1.x/2.x UNet (and not readable from weights).
-SD_FIXED: dict[str, Any] = {
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "act_fn": "silu",
-    "norm_eps": 1e-5,
-    "downsample_padding": 1,
-}
-
-VARIANT_BY_IN_CHANNELS = {4: "", 5: "depth", 8: "pix2pix", 9: "inpainting"}
-
 
 @dataclass
 class UNetSpec:
     layout: str  # "ldm" | "diffusers"
-    family: str  # "sd1" | "sd2"
+    family: str  # a family's name: "sd1" | "sd2" (see unetkit.families)
     variant: str  # e.g. "sd1.x", "sd1.x-inpainting", "sd1.x-lcm", "sd2.x"
     config: dict[str, Any]  # complete UNet2DConditionModel config (init arguments only)
     config_source: str  # "inferred" | "file metadata" | "config.json" | "user"
     topology: Topology
     assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def model_family(self) -> Family:
+        return families.named(self.family)
 
     @property
     def time_cond_proj_dim(self) -> int | None:
@@ -97,76 +93,20 @@ def detect_layout(names: Iterable[str], all_keys: Iterable[str] = (), where: str
     )
 
 
-def infer_config(topo: Topology, shapes: Mapping[str, Shape]) -> tuple[dict[str, Any], list[str]]:
-    """A complete SD1.x/2.x config from the topology and tensor shapes (keyed by diffusers name)."""
-    topo.check_supported()
-    n = topo.n_blocks
-
-    def shape(name: str) -> Shape:
-        if name not in shapes:
-            raise ModelDetectionError(f"cannot infer the UNet config: tensor {name!r} is missing")
-        return shapes[name]
-
-    channels = [shape(f"down_blocks.{i}.resnets.0.conv1.weight")[0] for i in range(n)]
-    conv_in, conv_out = shape("conv_in.weight"), shape("conv_out.weight")
-    attn = next((f"down_blocks.{i}.attentions.0." for i in range(n) if topo.down_attention[i]), "mid_block.attentions.0.")
-    cross_dim = shape(attn + "transformer_blocks.0.attn2.to_k.weight")[1]
-    linear_proj = len(shape(attn + "proj_in.weight")) == 2
-    family = "sd2" if linear_proj else "sd1"
-    config: dict[str, Any] = {
-        "sample_size": 96 if family == "sd2" else 64,
-        "in_channels": conv_in[1],
-        "out_channels": conv_out[0],
-        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in topo.down_attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in topo.up_attention],
-        "block_out_channels": channels,
-        "layers_per_block": topo.layers_per_block,
-        "cross_attention_dim": cross_dim,
-        "use_linear_projection": linear_proj,
-        "norm_num_groups": 32,
-        "conv_in_kernel": conv_in[2] if len(conv_in) == 4 else 3,
-        "conv_out_kernel": conv_out[2] if len(conv_out) == 4 else 3,
-        **SD_FIXED,
-    }
-    assumptions = ["norm_num_groups=32 (GroupNorm group count is not stored in weights; SD1.x/2.x use 32)"]
-    if family == "sd1":
-        config["attention_head_dim"] = 8
-        assumptions.append("attention_head_dim=8 heads (head count is not stored in weights; SD1.x uses 8)")
-    else:
-        config["attention_head_dim"] = [max(1, c // 64) for c in channels]
-        config["upcast_attention"] = False
-        assumptions.append(
-            f"attention_head_dim={config['attention_head_dim']} (heads of 64 channels, the SD2.x convention; "
-            "not stored in weights)"
-        )
-        assumptions.append("upcast_attention=False (SD2.1-768 sets True; it changes fp16 compute only)")
-    assumptions.append(f"sample_size={config['sample_size']} (the default latent size; not stored in weights)")
-    temb = shape("time_embedding.linear_1.weight")[0]
-    if temb != 4 * channels[0]:
-        config["time_embedding_dim"] = temb
-    if topo.has_cond_proj:
-        config["time_cond_proj_dim"] = shape(COND_PROJ)[1]
-    return config, assumptions
+def infer_config(topo: Topology, shapes: Mapping[str, Shape]) -> tuple[Family, dict[str, Any], list[str]]:
+    """The family, a complete config and the assumptions made, from the topology and tensor shapes (diffusers
+    names): the family is detected, then asked."""
+    family = families.detect(topo, shapes)
+    config, assumptions = family.infer_config(topo, shapes)
+    return family, config, assumptions
 
 
 def family_of(config: Mapping[str, Any]) -> str:
-    return "sd2" if config.get("use_linear_projection") else "sd1"
+    return families.for_config(config).name
 
 
 def variant_of(config: Mapping[str, Any], where: str = "") -> str:
-    family = family_of(config)
-    in_ch = config.get("in_channels", 4)
-    if in_ch not in VARIANT_BY_IN_CHANNELS:
-        raise ModelDetectionError(
-            f"{where}conv_in takes {in_ch} input channels; supported: 4 (text-to-image), 5 (SD2 depth), "
-            "8 (instruct-pix2pix), 9 (inpainting)"
-        )
-    parts = [f"{family[:2]}{family[2:]}.x"]
-    if VARIANT_BY_IN_CHANNELS[in_ch]:
-        parts.append(VARIANT_BY_IN_CHANNELS[in_ch])
-    if config.get("time_cond_proj_dim"):
-        parts.append("lcm")
-    return "-".join(parts)
+    return families.for_config(config).variant(config, where)
 
 
 def clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,8 +114,9 @@ def clean_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if not k.startswith("_")}
 
 
-def build_model(config: Mapping[str, Any], device: str | torch.device = "meta"):
+def build_model(config: Mapping[str, Any], device: str | torch.device = "meta") -> UNet2DConditionModel:
     """``UNet2DConditionModel`` from ``config``; on the meta device it costs no memory."""
+    import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device(device):

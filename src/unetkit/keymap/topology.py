@@ -141,15 +141,13 @@ class Topology:
         )
 
     def check_supported(self) -> None:
-        """SD1.x/2.x shape: attention depth 0 or 1, mirrored up/down attention. Anything else is refused."""
-        problems = []
-        depths = {*self.down_attention, *self.up_attention, self.mid_attention}
-        if depths - {0, 1}:
-            problems.append(f"transformer depths {sorted(depths)} (SD1.x/2.x use 1; SDXL uses 2 and 10)")
+        """Up-block attention must mirror the down blocks' (what every UNet2DConditionModel has); a family checks
+        the rest (transformer depths) itself."""
         if tuple(reversed(self.down_attention)) != self.up_attention:
-            problems.append(f"up-block attention {self.up_attention} does not mirror down {self.down_attention}")
-        if problems:
-            raise ModelDetectionError("not an SD1.x/SD2.x UNet: " + "; ".join(problems))
+            raise ModelDetectionError(
+                f"not a UNet2DConditionModel layout: up-block attention {self.up_attention} does not mirror down "
+                f"{self.down_attention}"
+            )
 
 
 def resnet_channels(config: Mapping[str, Any]) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:

@@ -15,8 +15,9 @@ Recipes (what the user asks for) map to a base qtype plus upgrades for the layer
 | Q2_K    | Q2_K | to_v -> Q4_K                                                                  |
 | others  | itself (F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1)                           |
 
-Sensitive tensors stay high-precision by default: conv_in, conv_out and the time embedding in F16; 1-D tensors
-(biases, norms) in F32. ``keep`` globs keep more tensors high-precision; ``override`` globs set a qtype.
+Sensitive tensors stay high-precision by default: the modules the model family names (``Family.sensitive``: conv_in,
+conv_out and the time embedding for SD) in F16, passed in by the caller as ``sensitive``; 1-D tensors (biases,
+norms) in F32. ``keep`` globs keep more tensors high-precision; ``override`` globs set a qtype.
 
 Flavors (what the consumer can read):
 - comfy: ComfyUI-GGUF. A tensor whose last dim does not fit the block is stored as rows of 256 (when its size
@@ -29,7 +30,7 @@ Flavors (what the consumer can read):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from unetkit.errors import QuantError
@@ -61,8 +62,6 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "Q2_K": ("Q2_K", {"*.to_v.weight": "Q4_K"}),
 }
 
-#: Sensitive tensors (LDM names), kept in F16 by default: the first and last convolutions and the time embedding.
-SENSITIVE = ("input_blocks.0.0.weight", "out.2.weight", "time_embed.*", "time_embedding.*")
 
 
 @dataclass(frozen=True)
@@ -102,9 +101,11 @@ class Recipe:
         return Recipe(key, flavor, tuple(keep), tuple(pairs))
 
 
-def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None) -> Decision:
+def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None,
+           sensitive: str | None = None) -> Decision:
     """The decision for one tensor. ``is_linear``: the tensor is an nn.Linear weight (needed by the diffusers
-    flavor; inferred from the shape when None: 2-D means Linear in an SD UNet)."""
+    flavor; inferred from the shape when None: 2-D means Linear in an SD UNet). ``sensitive``: why the model
+    family keeps this tensor's module at high precision (``Family.sensitive_reason``), or None."""
     shape = tuple(int(d) for d in shape)
     base, upgrades = RECIPES[recipe.name]
     n = 1
@@ -124,8 +125,8 @@ def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | No
         return high("F32", "1-D tensor (bias or norm): kept in F32")
     if base in ("F32", "F16", "BF16"):
         return high(base, f"recipe {recipe.name}")
-    if any(matches(name, g) for g in SENSITIVE):
-        return high("F16", "sensitive layer (conv_in, conv_out or time embedding): kept in F16")
+    if sensitive:
+        return high("F16", f"{sensitive}: kept in F16")
     if recipe.flavor == "diffusers" and not (is_linear if is_linear is not None else len(shape) == 2):
         return high("F16", "diffusers flavor: diffusers' GGUF loader dequantizes only nn.Linear weights")
     qtype, why = base, f"recipe {recipe.name}"
@@ -150,9 +151,10 @@ def _fit(name: str, shape: tuple[int, ...], n: int, qtype: str, why: str, recipe
                                          f" and the {recipe.flavor} flavor needs exact shapes") + ": kept in F16")
 
 
-def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe,
-         linear_names: set[str] | None = None) -> list[Decision]:
-    """Decisions for every (LDM name, shape), in order; checks the flavor's name limits."""
+def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe, linear_names: set[str] | None = None,
+         sensitive: Mapping[str, str] | None = None) -> list[Decision]:
+    """Decisions for every (LDM name, shape), in order; checks the flavor's name limits. ``sensitive`` maps the
+    LDM names of the tensors the model family keeps at high precision to the reason."""
     out = []
     for name, shape in tensors:
         if recipe.flavor == "sdcpp" and len((LDM_PREFIX + name).encode()) > SDCPP_MAX_NAME:
@@ -160,5 +162,6 @@ def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe,
                 f"tensor name '{LDM_PREFIX}{name}' is longer than {SDCPP_MAX_NAME} bytes, the most "
                 "stable-diffusion.cpp's ggml build holds; use --flavor comfy (names without prefix)"
             )
-        out.append(decide(name, shape, recipe, None if linear_names is None else name in linear_names))
+        out.append(decide(name, shape, recipe, None if linear_names is None else name in linear_names,
+                          (sensitive or {}).get(name)))
     return out

@@ -8,7 +8,8 @@ every backend follows the same policy and every decision carries its reason:
   2. else a user ``include`` glob quantizes it, even when a default exclusion names it (this is how a default is
      overridden, e.g. ``include=["*"]`` quantizes conv_in and conv_out too);
   3. else, when ``include`` was given, the module is kept (``include`` is an allowlist);
-  4. else a default exclusion (``DEFAULT_EXCLUDE``) keeps it, with its reason;
+  4. else a default exclusion keeps it, with its reason: the model family's sensitive modules
+     (``Family.sensitive``: conv_in, conv_out, the time embedding for SD) and the norms (``NORMS``);
   5. else it is quantized.
 
 Globs match diffusers module names (``down_blocks.0.attentions.0.proj_in``) with the same rule as the GGUF
@@ -31,19 +32,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 
+from unetkit import families
 from unetkit.errors import BackendUnavailable, QuantError
+from unetkit.families.base import Family
 from unetkit.quant.globs import matches
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-#: (glob, reason): modules kept in float unless an ``include`` glob names them
-DEFAULT_EXCLUDE: tuple[tuple[str, str], ...] = (
-    ("conv_in", "default exclusion: conv_in sees the raw latents (few parameters, large error impact)"),
-    ("conv_out", "default exclusion: conv_out writes the predicted noise (few parameters, large error impact)"),
-    ("time_embedding", "default exclusion: time embedding (incl. LCM's cond_proj) conditions every block"),
-    ("*norm*", "default exclusion: normalization layers stay float"),
-)
+#: (glob, reason): norms stay float whatever the family, unless an ``include`` glob names them
+NORMS = ("*norm*", "default exclusion: normalization layers stay float")
 
 #: backend name -> (pip package, extra) for the install hint
 PACKAGES = {"torchao": ("torchao", "torchao"), "quanto": ("optimum-quanto", "quanto")}
@@ -150,8 +148,10 @@ def is_quantizable(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Conv2d)
 
 
-def select(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None) -> tuple[bool, str]:
-    """(quantize?, reason) for a Linear/Conv2d module named ``name``; see the module docstring for precedence."""
+def select(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
+           family: Family | None = None) -> tuple[bool, str]:
+    """(quantize?, reason) for a Linear/Conv2d module named ``name`` of a UNet of ``family``; see the module
+    docstring for precedence."""
     for glob in exclude or ():
         if matches(name, glob):
             return False, f"excluded by '{glob}'"
@@ -160,9 +160,11 @@ def select(name: str, include: Sequence[str] | None, exclude: Sequence[str] | No
             return True, f"included by '{glob}'"
     if include:
         return False, "not matched by any include glob"
-    for glob, reason in DEFAULT_EXCLUDE:
-        if matches(name, glob):
-            return False, reason
+    why = family.sensitive_reason(name) if family is not None else None
+    if why:
+        return False, f"default exclusion: {why}"
+    if matches(name, NORMS[0]):
+        return False, NORMS[1]
     return True, ""
 
 
@@ -189,13 +191,15 @@ class Candidate:
 
 def plan_modules(unet: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None) -> list[Candidate]:
     """Every module owning parameters, in ``named_modules`` order, with the policy's verdict."""
+    config = getattr(unet, "config", None)
+    family = families.for_config(dict(config)) if config is not None else None
     out = []
     for name, module in unet.named_modules():
         if not any(True for _ in module.parameters(recurse=False)):
             continue
         kind = module_kind(module)
         if is_quantizable(module):
-            want, reason = select(name, include, exclude)
+            want, reason = select(name, include, exclude, family)
         else:
             want, reason = False, f"{type(module).__name__}: only Linear and Conv2d weights are quantized"
         out.append(Candidate(name, module, kind, want, reason))
