@@ -58,7 +58,7 @@ def test_on_the_fly_keeps_weights_packed(src, tmp_path):
     _, path = src
     quantize_file(path, tmp_path / "m.gguf", "gguf:Q4_K_M")
     unet = load_unet(tmp_path / "m.gguf", dequantize="on-the-fly")
-    from unetkit.quant.runtime.gguf import GGUFConv2d, GGUFLinear
+    from unetkit.quant.runtime.gguf_backend import GGUFConv2d, GGUFLinear
 
     kinds = {type(m) for m in unet.modules()}
     assert GGUFLinear in kinds and GGUFConv2d in kinds
@@ -241,3 +241,22 @@ def test_encoder_processes_write_the_same_bytes(tmp_path):
     quantize_file(path, tmp_path / "one.gguf", "gguf:Q4_K_M", workers=0)
     quantize_file(path, tmp_path / "two.gguf", "gguf:Q4_K_M", workers=2)
     assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
+
+
+def test_own_gguf_constants_agree_with_gguf_py():
+    """unetkit keeps its own GGUF numbers (the KV value types in formats/gguf.py, the qtype table in
+    quant/gguf/qtypes.py) so that reading a header needs no gguf-py; they must be gguf-py's numbers."""
+    import gguf
+
+    from unetkit.formats import gguf as fmt
+    from unetkit.quant.gguf.qtypes import QTYPES
+
+    value_types = ["UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING", "ARRAY",
+                   "UINT64", "INT64", "FLOAT64"]
+    for name in value_types:
+        assert getattr(fmt, name) == gguf.GGUFValueType[name].value, name
+    assert len(QTYPES) == len({q.name for q in QTYPES}) == len({q.ggml_id for q in QTYPES})
+    for q in QTYPES:
+        enum = gguf.GGMLQuantizationType[q.name]
+        assert q.ggml_id == enum.value, q.name
+        assert (q.block_size, q.type_size) == gguf.GGML_QUANT_SIZES[enum], q.name

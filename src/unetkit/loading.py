@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unetkit.dtypes import parse_dtype, short
-from unetkit.errors import KeyMapError, UnetkitError, list_some
+from unetkit.errors import FormatError, KeyMapError, UnetkitError, list_some
+from unetkit.formats.quantized_dir import MANIFEST, is_quantized_dir, read_quantized_dir
 from unetkit.formats.safetensors_io import ALIGN
 from unetkit.resolve import UNetSource, open_unet
 from unetkit.spec import build_model
@@ -64,10 +65,8 @@ def load_unet(
     ``unetkit_quant.json``) is rebuilt with its quantized weights as stored, never re-quantized. Raises
     ``KeyMapError`` naming every missing, unexpected or mis-shaped key; returns the model in eval mode.
     """
-    if not isinstance(path, UNetSource) and _is_quantized_dir(path):
+    if not isinstance(path, UNetSource) and is_quantized_dir(path):
         # a folder written by `unetkit quantize --method torchao:...|quanto:...`: rebuilt, never re-quantized
-        from unetkit.quant.runtime.quantized_dir import load_quantized
-
         if ema or config is not None or dequantize != "load" or compute_dtype is not None:
             raise UnetkitError(f"{path}: a quantized folder takes no ema/config/dequantize/compute_dtype options")
         return load_quantized(path, dtype=dtype, device=device)
@@ -81,10 +80,6 @@ def load_unet(
     model = build_model(source.spec.config, device="meta")
     state = {}
     swapped = _swap_gguf(model, source, device) if dequantize == "on-the-fly" else set()
-    if swapped:
-        from unetkit.quant.runtime.gguf import release_buffers
-
-        model.register_forward_hook(release_buffers)  # the per-layer decode buffer does not outlive a forward
     for name, entry in source.tensors.items():
         if name in swapped:
             continue
@@ -117,19 +112,14 @@ def load_unet(
     return model
 
 
-def _is_quantized_dir(path: str | Path) -> bool:
-    from unetkit.quant.runtime.quantized_dir import is_quantized_dir
-
-    return is_quantized_dir(path)
-
-
 def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:
     """Replace every Linear/Conv2d whose weight is GGUF-quantized by an on-the-fly module; return the tensor names
     now held by those modules (weights and their biases)."""
     from torch import nn
 
-    from unetkit.quant.runtime.gguf import swap_module
+    from unetkit.quant.runtime.base import backend
 
+    gguf = backend("gguf")
     done: set[str] = set()
     for name, entry in source.tensors.items():
         if entry.qtype is None or entry.raw is None or not name.endswith(".weight"):
@@ -140,8 +130,48 @@ def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:
             continue
         bias_entry = source.tensors.get(module_name + ".bias")
         bias = bias_entry.load().float().to(device) if bias_entry is not None else None
-        swap_module(model, module_name, entry.raw().to(device), entry.qtype, entry.shape, entry.stored_shape, bias)
+        gguf.attach(model, module_name, entry.raw().to(device), entry.qtype, entry.shape, entry.stored_shape or entry.shape,  # noqa: E501
+                    bias)
         done.add(name)
         if bias_entry is not None:
             done.add(module_name + ".bias")
     return done
+
+
+def load_quantized(path: str | Path, dtype: str | torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> UNet2DConditionModel:
+    """Reload a folder written by ``unetkit.save_quantized``; nothing is re-quantized: the backend rebuilds its
+    modules from the stored integers and scales, so the same inputs give the same output bit for bit (with the
+    library versions recorded in the manifest; a difference is logged)."""
+    from unetkit.quant.runtime.base import QuantReport, library_versions, parse_method
+
+    path = Path(path)
+    manifest, config, tensors, weights = read_quantized_dir(path)
+    mf = path / MANIFEST
+    try:
+        be, scheme = parse_method(manifest["method"], stored=True)
+    except UnetkitError as e:
+        raise FormatError(f"{mf}: {e}") from e
+    be.check_available(scheme)
+    stored = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
+    if dtype is not None and parse_dtype(dtype) != stored:
+        raise UnetkitError(f"{path}: holds a {manifest['method']} UNet computed in {stored}; it cannot be loaded as "
+                           f"{dtype} (quantize a {dtype} UNet instead)")
+    if torch.device(device).type != "cpu":
+        raise UnetkitError(f"{path}: quantized folders load on the CPU; move the model afterwards (.to({device!r}))")
+    saved = manifest.get("versions", {})
+    now = {**library_versions(), **be.versions()}
+    diff = {k: (v, now.get(k)) for k, v in saved.items() if k != "unetkit" and now.get(k) != v}
+    if diff:
+        log.warning("%s: written with other library versions (%s); outputs may differ in the last bits", mf,
+                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()))
+    report = QuantReport.from_dict(manifest["report"])
+    model = build_model(config, device="meta")
+    be.rebuild(model, scheme, report.decisions, tensors, manifest["backend_state"], str(weights))
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise KeyMapError(f"{weights}: {len(on_meta)} tensor(s) left on the meta device: {list_some(on_meta)}")
+    model.eval()
+    model.unetkit_quant_report = report  # what was done to it, for callers (not part of the state dict)
+    log.info("loaded %s (%s, %d stored tensors)", path, manifest["method"], len(tensors))
+    return model

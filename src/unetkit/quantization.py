@@ -30,8 +30,7 @@ def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: S
     :func:`save_quantized`; ``unetkit.load_unet(folder)`` reloads it without re-quantizing.
     GGUF methods (``gguf:<recipe>``) write files: use :func:`quantize_file`.
     """
-    from unetkit.quant.runtime.base import QuantReport, parse_method, plan_modules
-    from unetkit.quant.runtime.quantized_dir import library_versions
+    from unetkit.quant.runtime.base import QuantReport, library_versions, parse_method, plan_modules
 
     if method.lower().startswith(GGUF_METHOD):
         raise UnetkitError(f"{method}: GGUF methods write a file; use unetkit.quantize_file(src, out, "
@@ -54,13 +53,30 @@ def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: S
 
 def save_quantized(unet, out: str | Path, report=None, *, force: bool = False) -> Path:
     """Write a UNet quantized by :func:`quantize` to the folder ``out`` (config.json, unetkit_quant.safetensors,
-    unetkit_quant.json); ``unetkit.load_unet(out)`` reloads it."""
-    from unetkit.quant.runtime.quantized_dir import save_quantized as save
+    unetkit_quant.json; see ``formats/quantized_dir.py``), atomically (an existing ``out`` needs ``force``);
+    ``unetkit.load_unet(out)`` reloads it."""
+    from unetkit.dtypes import compute_dtype
+    from unetkit.formats.quantized_dir import write_quantized_dir
+    from unetkit.provenance import METHOD, VERSION
+    from unetkit.quant.runtime.base import parse_method
+    from unetkit.spec import diffusers_config_json
 
     report = report if report is not None else getattr(unet, "unetkit_quant_report", None)
     if report is None:
         raise UnetkitError("this UNet was not quantized by unetkit.quantize: nothing to save as a quantized folder")
-    return save(unet, report, out, force=force)
+    be, scheme = parse_method(report.method, stored=True)
+    tensors, state = be.export(unet, report.decisions)
+    manifest = {
+        "method": report.method,
+        "backend": be.name,
+        "scheme": scheme,
+        "dtype": str(compute_dtype(unet)).removeprefix("torch."),
+        "versions": report.versions,
+        "backend_state": state,
+        "report": report.to_dict(),
+    }
+    meta = {"format": "pt", METHOD: report.method, VERSION: report.versions.get("unetkit", "")}
+    return write_quantized_dir(out, diffusers_config_json(dict(unet.config)), tensors, manifest, meta, force=force)
 
 
 def quantize_to_dir(src: str | Path, out: str | Path, method: str, *, include: Sequence[str] | None = None,

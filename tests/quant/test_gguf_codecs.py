@@ -1,11 +1,13 @@
 """GGML block codecs: byte-exact against ggml's own reference encoder output and against gguf-py.
 
-The reference vectors (``ggml_reference.npz``) live beside the repository in ``../shared/golden`` and were produced by
-ggml's C quantizers (see the README there); these tests fail, not skip, when the file is missing.
+The reference vectors live in the repository, in ``tests/data/ggml_reference.npz``, and were produced by ggml's C
+quantizers (see ``tests/data/README.md``). The file's sha256 is pinned below (``GOLDEN_SHA256``) and checked before
+use; these tests fail, not skip, when the file is missing or differs.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,9 @@ from unetkit.quant.gguf import QTYPES, dequantize, get_codec, qtype_by_id, qtype
 from unetkit.quant.gguf.codecs import base as codec_base
 from unetkit.quant.gguf.codecs import fused, kquants
 
-GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden" / "ggml_reference.npz"
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "ggml_reference.npz"
+#: sha256 of tests/data/ggml_reference.npz; a different file means different reference vectors, not a codec bug.
+GOLDEN_SHA256 = "b457e3302781dfc3931304eb63d90dad66baf1758c0f0748edec5eb699b22841"
 
 GOLDEN_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -40,12 +44,27 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+def _check_golden_file() -> None:
+    """Fail, with what to do, unless tests/data/ggml_reference.npz is there and is the pinned file."""
+    assert GOLDEN.is_file(), (
+        f"ggml reference vectors not found at {GOLDEN}: the codec tests need tests/data/ggml_reference.npz "
+        f"(it is part of the repository: git checkout -- tests/data/ggml_reference.npz)"
+    )
+    digest = hashlib.sha256(GOLDEN.read_bytes()).hexdigest()
+    assert digest == GOLDEN_SHA256, (
+        f"ggml reference vectors {GOLDEN} have sha256 {digest}, expected {GOLDEN_SHA256}: the file is corrupt, "
+        f"truncated or replaced; restore it with git checkout -- tests/data/ggml_reference.npz (if it was "
+        f"regenerated on purpose, update GOLDEN_SHA256 here and the sha256 in tests/data/README.md)"
+    )
+
+
+def test_golden_file_is_the_pinned_one():
+    _check_golden_file()
+
+
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
-    assert GOLDEN.is_file(), (
-        f"ggml reference vectors not found at {GOLDEN}: the codec tests need ../shared/golden/ggml_reference.npz "
-        f"beside the repository root"
-    )
+    _check_golden_file()
     with np.load(GOLDEN) as z:
         return {k: z[k] for k in z.files}
 

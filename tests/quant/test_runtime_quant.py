@@ -16,7 +16,7 @@ import unetkit
 from unetkit.cli.main import main
 from unetkit.errors import BackendUnavailable, FormatError, KeyMapError, OutputExistsError, QuantError
 from unetkit.metrics import compare
-from unetkit.quant.runtime.quantized_dir import MANIFEST, WEIGHTS
+from unetkit.formats.quantized_dir import MANIFEST, WEIGHTS
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -224,7 +224,7 @@ def test_bad_folders_are_clear_errors(tmp_path):
     (no_sub / MANIFEST).unlink()
     with pytest.raises(unetkit.UnetkitError):
         unetkit.load_unet(no_sub)
-    from unetkit.quant.runtime.quantized_dir import load_quantized
+    from unetkit.loading import load_quantized
 
     with pytest.raises(FormatError, match=f"{MANIFEST} is missing"):
         load_quantized(no_sub)

@@ -34,7 +34,7 @@ def input_files(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    from unetkit.quant.runtime.quantized_dir import WEIGHTS, is_quantized_dir
+    from unetkit.formats.quantized_dir import WEIGHTS, is_quantized_dir
 
     if is_quantized_dir(path):
         return [path / WEIGHTS]

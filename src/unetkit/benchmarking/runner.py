@@ -142,7 +142,9 @@ def _prepare(variant: Variant, device: torch.device) -> None:
     from diffusers import UNet2DConditionModel  # noqa: F401
 
     if variant.is_gguf:
-        import unetkit.quant.runtime.gguf  # noqa: F401
+        from unetkit.quant.runtime.base import backend
+
+        backend("gguf")  # imports the on-the-fly modules
     if variant.runtime_method is not None:
         from unetkit.quant.runtime.base import parse_method
 

@@ -85,7 +85,7 @@ def parse_variant(text: str | Path) -> Variant:
     already runtime-quantized; ``BackendUnavailable`` when the runtime method cannot run here.
     """
     from unetkit.formats import sniff
-    from unetkit.quant.runtime.quantized_dir import is_quantized_dir
+    from unetkit.formats.quantized_dir import is_quantized_dir
 
     text = str(text)
     head, at, tail = text.rpartition("@")

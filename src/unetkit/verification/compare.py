@@ -158,13 +158,13 @@ def _load(src: str | Path | nn.Module, dtype, role: str) -> tuple[nn.Module, Sid
 
             model = model.to(parse_dtype(dtype))
     else:
-        from unetkit.loading import _is_quantized_dir
+        from unetkit.formats.quantized_dir import is_quantized_dir
         from unetkit.resolve import open_unet
 
         path = Path(src)
         if not path.exists():
             raise UnetkitError(f"{role} {path}: no such file or folder")
-        if _is_quantized_dir(path):  # torchao / quanto folder: its weights are tensor subclasses (seen below)
+        if is_quantized_dir(path):  # torchao / quanto folder: its weights are tensor subclasses (seen below)
             model, variant = unetkit.load_unet(path, dtype=dtype), None
         else:
             source = open_unet(path)

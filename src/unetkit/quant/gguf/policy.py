@@ -37,6 +37,7 @@ from unetkit.errors import QuantError
 from unetkit.provenance import LDM_PREFIX
 from unetkit.quant.globs import matches
 from unetkit.quant.gguf.qtypes import qtype_by_name
+from unetkit.shapes import numel
 
 GGUF_METHOD = "gguf:"  # the prefix of every GGUF method name: gguf:Q4_K_M
 FLAVORS = ("comfy", "sdcpp", "diffusers")
@@ -108,16 +109,13 @@ def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | No
     family keeps this tensor's module at high precision (``Family.sensitive_reason``), or None."""
     shape = tuple(int(d) for d in shape)
     base, upgrades = RECIPES[recipe.name]
-    n = 1
-    for d in shape:
-        n *= d
 
     def high(qtype: str, reason: str) -> Decision:
         return Decision(name, qtype, shape, shape, reason)
 
     for glob, qt in recipe.override:
         if matches(name, glob):
-            return _fit(name, shape, n, qt, f"override '{glob}={qt}'", recipe)
+            return fit(name, shape, qt, f"override '{glob}={qt}'", recipe.flavor)
     for glob in recipe.keep:
         if matches(name, glob):
             return high("F16" if len(shape) > 1 else "F32", f"kept by --keep '{glob}'")
@@ -134,21 +132,24 @@ def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | No
         if matches(name, glob):
             qtype, why = up, f"recipe {recipe.name} upgrades '{glob}' to {up}"
             break
-    return _fit(name, shape, n, qtype, why, recipe)
+    return fit(name, shape, qtype, why, recipe.flavor)
 
 
-def _fit(name: str, shape: tuple[int, ...], n: int, qtype: str, why: str, recipe: Recipe) -> Decision:
+def fit(name: str, shape: tuple[int, ...], qtype: str, why: str, flavor: str = "comfy") -> Decision:
+    """``qtype`` for the tensor when its rows fit the block; else, for the comfy flavor, rows of 256 when its size
+    allows; else F16, with the reason."""
     q = qtype_by_name(qtype)
+    n = numel(shape)
     if q.block_size == 1 or shape[-1] % q.block_size == 0:
         return Decision(name, q.name, shape, shape, why)
-    if recipe.flavor == "comfy" and n % RESHAPE_ROW == 0 and RESHAPE_ROW % q.block_size == 0:
+    if flavor == "comfy" and n % RESHAPE_ROW == 0 and RESHAPE_ROW % q.block_size == 0:
         return Decision(name, q.name, shape, (n // RESHAPE_ROW, RESHAPE_ROW),
                         f"{why}; stored as rows of {RESHAPE_ROW} (last dim {shape[-1]} does not fit the "
                         f"{q.block_size}-block), real shape in comfy.gguf.orig_shape")
     return Decision(name, "F16", shape, shape,
                     f"requested {q.name}, but the last dim {shape[-1]} is not a multiple of its block size "
-                    f"{q.block_size}" + (" and the size is not a multiple of 256" if recipe.flavor == "comfy" else
-                                         f" and the {recipe.flavor} flavor needs exact shapes") + ": kept in F16")
+                    f"{q.block_size}" + (" and the size is not a multiple of 256" if flavor == "comfy" else
+                                         f" and the {flavor} flavor needs exact shapes") + ": kept in F16")
 
 
 def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe, linear_names: set[str] | None = None,

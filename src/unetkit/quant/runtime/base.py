@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +38,7 @@ from unetkit.families.base import Family
 from unetkit.quant.globs import matches
 
 if TYPE_CHECKING:
+    import torch
     from diffusers import UNet2DConditionModel
 
 #: (glob, reason): norms stay float whatever the family, unless an ``include`` glob names them
@@ -210,9 +211,11 @@ def plan_modules(unet: nn.Module, include: Sequence[str] | None, exclude: Sequen
 
 
 class RuntimeBackend(Protocol):
-    """A runtime quantization backend: ``apply`` swaps weights in place; ``save_state``/``load`` serialize them."""
+    """A runtime quantization backend. ``apply`` swaps the weights of a live UNet in place; ``export`` turns the
+    quantized modules into plain tensors plus a JSON state, and ``rebuild`` puts them back into a UNet built on the
+    meta device, without quantizing anything again (the saved folder: ``formats/quantized_dir.py``)."""
 
-    name: str  # "torchao", "quanto"
+    name: str  # "torchao", "quanto", "gguf"
     schemes: dict[str, str]  # scheme -> one-line description
 
     def describe(self) -> str: ...
@@ -222,46 +225,74 @@ class RuntimeBackend(Protocol):
 
     def apply(self, unet: UNet2DConditionModel, scheme: str, candidates: list[Candidate]) -> list[ModuleDecision]: ...
 
+    def export(self, unet: nn.Module, decisions: list[ModuleDecision]) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def rebuild(self, model: nn.Module, scheme: str, decisions: list[ModuleDecision], tensors: dict[str, torch.Tensor],
+                state: dict, where: str) -> None: ...
+
     def versions(self) -> dict[str, str]: ...
 
 
-_REGISTRY: dict[str, Callable[[], RuntimeBackend]] = {}
-
-
-def register(name: str, factory: Callable[[], RuntimeBackend]) -> None:
-    _REGISTRY[name] = factory
-
-
-def _ensure_registered() -> None:
-    if not _REGISTRY:
-        from unetkit.quant.runtime import quanto_backend, torchao_backend  # noqa: F401  (they register)
+#: The backend table: name -> (module, class). A backend module imports this one, never the reverse, and is
+#: imported only when its backend is asked for, so torchao and optimum.quanto load only when used.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "torchao": ("unetkit.quant.runtime.torchao_backend", "TorchAOBackend"),
+    "quanto": ("unetkit.quant.runtime.quanto_backend", "QuantoBackend"),
+    "gguf": ("unetkit.quant.runtime.gguf_backend", "GGUFBackend"),
+}
+#: backends that ``unetkit.quantize(unet, method)`` offers; GGUF methods write files (``unetkit.quantize_file``)
+#: and the GGUF backend runs what a GGUF file holds (``load_unet(dequantize="on-the-fly")``)
+QUANTIZE_METHODS = ("torchao", "quanto")
 
 
 def backend(name: str) -> RuntimeBackend:
-    _ensure_registered()
-    if name not in _REGISTRY:
-        raise QuantError(f"unknown runtime backend {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]()
+    if name not in BACKENDS:
+        raise QuantError(f"unknown runtime backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
+    module, cls = BACKENDS[name]
+    made: RuntimeBackend = getattr(importlib.import_module(module), cls)()
+    return made
 
 
 def known_methods() -> list[str]:
-    """Every runtime method name ('torchao:int8-weight-only', ...), whether or not it can run here."""
-    _ensure_registered()
-    return [f"{n}:{s}" for n in _REGISTRY for s in _REGISTRY[n]().schemes]
+    """Every runtime method name ('torchao:int8-weight-only', ...) that ``quantize`` takes, whether or not it can
+    run here."""
+    return [f"{n}:{s}" for n in QUANTIZE_METHODS for s in backend(n).schemes]
 
 
-def parse_method(method: str) -> tuple[RuntimeBackend, str]:
-    """'torchao:int8-dynamic' -> (backend, 'int8-dynamic'); an unknown method lists the known ones."""
+def library_versions() -> dict[str, str]:
+    """The versions a quantized UNet's numbers depend on, recorded with it."""
+    import importlib.metadata as md
+
+    import torch
+
+    from unetkit._version import __version__
+
+    out = {"unetkit": __version__, "torch": torch.__version__}
+    for pkg in ("diffusers", "safetensors"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def parse_method(method: str, *, stored: bool = False) -> tuple[RuntimeBackend, str]:
+    """'torchao:int8-dynamic' -> (backend, 'int8-dynamic'); an unknown method lists the known ones. ``stored``: the
+    method recorded with a quantized UNet, which may be any backend's ('gguf:Q8_0' too)."""
     name, sep, scheme = method.strip().partition(":")
-    _ensure_registered()
-    known = known_methods()
-    hint = f"known runtime methods: {', '.join(known)}; GGUF files: gguf:<recipe> (e.g. gguf:Q4_K_M)"
-    if not sep or name.lower() not in _REGISTRY:
-        raise QuantError(f"unknown quantization method {method!r}; {hint}")
+    names = tuple(BACKENDS) if stored else QUANTIZE_METHODS
+    if not sep or name.lower() not in names:
+        raise QuantError(f"unknown quantization method {method!r}; {_hint()}")
     be = backend(name.lower())
-    if scheme.lower() not in be.schemes:
-        raise QuantError(f"unknown quantization method {method!r}; {hint}")
-    return be, scheme.lower()
+    wanted = scheme if name.lower() == "gguf" else scheme.lower()
+    if wanted not in be.schemes:
+        raise QuantError(f"unknown quantization method {method!r}; {_hint()}")
+    return be, wanted
+
+
+def _hint() -> str:
+    return (f"known runtime methods: {', '.join(known_methods())}; GGUF files: gguf:<recipe> "
+            "(e.g. gguf:Q4_K_M)")
 
 
 def require(module: str, backend_name: str) -> Any:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from unetkit.errors import KeyMapError, list_some
-from unetkit.quant.runtime.base import Candidate, ModuleDecision, register, require
+from unetkit.quant.runtime.base import Candidate, ModuleDecision, require
 
 SCHEMES = {
     "qint8": "int8 weights (per output channel), float activations",
@@ -97,5 +97,3 @@ class QuantoBackend:
             raise KeyMapError(f"{where}: missing tensors {list_some(missing)}; unexpected {list_some(unexpected)}; "
                               f"mis-shaped {list_some(shapes)}")
 
-
-register("quanto", QuantoBackend)

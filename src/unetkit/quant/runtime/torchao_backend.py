@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetkit.errors import BackendUnavailable, FormatError, KeyMapError, list_some
-from unetkit.quant.runtime.base import Candidate, ModuleDecision, quiet_loggers, register, require
+from unetkit.quant.runtime.base import Candidate, ModuleDecision, quiet_loggers, require
 
 #: scheme -> (torchao config class name, description)
 SCHEMES = {
@@ -255,5 +255,3 @@ def _reason(scheme: str, kind: str, ok: bool, path: str, policy_reason: str) -> 
                        "quantized convolution kernel)")
     return head + "torchao weight, dequantized for F.conv2d (weight-only)"
 
-
-register("torchao", TorchAOBackend)
