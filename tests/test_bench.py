@@ -16,7 +16,7 @@ from unetkit.benchmarking import BenchRecord, Settings, bench, parse_variant, re
 from unetkit.benchmarking.measure import Latency, time_calls
 from unetkit.benchmarking.record import CUDA_ONLY
 from unetkit.benchmarking.runner import run_isolated
-from unetkit.cli.main import main
+from unetkit.cli.app import main
 from unetkit.errors import FormatError, UnetkitError
 from unetkit.gguf_export import quantize_file
 

@@ -3,7 +3,7 @@ import json
 import pytest
 from helpers import save_ldm, tiny_unet
 
-from unetkit.cli.main import main
+from unetkit.cli.app import main
 
 
 def test_help_teaches(capsys):

@@ -11,7 +11,7 @@ from helpers import ldm_state, no_temp_files, save_ldm, tiny_unet
 from safetensors.torch import save_file
 
 from unetkit import convert, load_unet
-from unetkit.cli.main import main
+from unetkit.cli.app import main
 from unetkit.errors import FormatError, KeyMapError, ModelDetectionError, OutputExistsError
 
 

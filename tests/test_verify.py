@@ -11,7 +11,7 @@ import torch
 from helpers import save_ldm, tiny_unet
 
 import unetkit
-from unetkit.cli.main import main
+from unetkit.cli.app import main
 from unetkit.gguf_export import quantize_file
 from unetkit.verification import SCHEMA_PATH, verify
 

@@ -13,7 +13,7 @@ import torch
 from helpers import forward, inputs, save_ldm, tiny_unet
 
 import unetkit
-from unetkit.cli.main import main
+from unetkit.cli.app import main
 from unetkit.errors import BackendUnavailable, FormatError, KeyMapError, OutputExistsError, QuantError
 from unetkit.metrics import compare
 from unetkit.formats.quantized_dir import MANIFEST, WEIGHTS

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-import unetkit
+from unetkit._version import __version__
 
 #: fields that only a CUDA run fills (None on CPU)
 CUDA_ONLY = ("cuda_mem_mb",)
@@ -70,7 +70,7 @@ class BenchRecord:
 def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     """Where the numbers were measured: library versions, Python, OS, CPU threads and, on CUDA, the GPU."""
     env: dict[str, Any] = {
-        "unetkit": unetkit.__version__,
+        "unetkit": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -224,10 +224,8 @@ def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolat
 def _worker_env() -> dict[str, str]:
     """This environment, with unetkit's own source folder first on PYTHONPATH: the worker imports the same
     unetkit as this process, installed or not."""
-    import unetkit
-
     env = dict(os.environ)
-    src = str(Path(unetkit.__file__).resolve().parent.parent)
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding the unetkit package
     env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     return env
 

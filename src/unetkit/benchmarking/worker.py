@@ -24,10 +24,9 @@ def main() -> int:
         level = int(request.get("log_level", logging.WARNING))
         logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
         if level > logging.INFO:  # as the CLI does: import-time chatter of optional libraries says nothing here
-            os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-            warnings.filterwarnings("ignore")
-            for noisy in ("torchao", "diffusers", "torch", "optimum"):
-                logging.getLogger(noisy).setLevel(logging.ERROR)
+            from unetkit._quiet import quiet_third_party
+
+            quiet_third_party()
 
         from unetkit.benchmarking.runner import Settings, measure_variant
         from unetkit.benchmarking.variants import Variant

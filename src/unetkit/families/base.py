@@ -96,7 +96,7 @@ class Family:
 
     def sensitive_reason(self, module: str) -> str | None:
         """Why the module (diffusers name) is kept at high precision by default, or None when it is not."""
-        from unetkit.quant.globs import matches
+        from unetkit.globs import matches
 
         return next((reason for glob, reason in self.sensitive if matches(module, glob)), None)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from unetkit.errors import FormatError
 from unetkit.formats.base import Checkpoint
-from unetkit.formats.pickle_io import read_pickle
 from unetkit.formats.safetensors_io import read_safetensors
 
 WEIGHT_NAMES = (
@@ -51,7 +50,7 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
     files = _shards(weights) if weights.name.endswith(".index.json") else [weights]
     merged = Checkpoint(path=path, format="diffusers-folder", entries={}, config=config, files=tuple(files))
     for f in files:
-        part = read_safetensors(f) if f.suffix == ".safetensors" else read_pickle(f)
+        part = read_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f)
         for name, entry in part.entries.items():
             if name in merged.entries:
                 raise FormatError(f"{f}: tensor {name!r} also appears in {merged.entries[name].file or 'another shard'}")
@@ -73,3 +72,9 @@ def _shards(index: Path) -> list[Path]:
             raise FormatError(f"{index}: shard {name!r} is listed but missing from {index.parent}")
         files.append(f)
     return files
+
+
+def _read_pickle(path: Path) -> Checkpoint:
+    from unetkit.formats.pickle_io import read_pickle  # torch.load: imported only for .bin folders
+
+    return read_pickle(path)

@@ -145,7 +145,7 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candidate, timestep: int) -> BlameResult:
+def run_blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candidate, timestep: int) -> BlameResult:
     """Record one call of each model (``run_*()`` performs it) and compare module by module.
 
     Memory: during the reference's pass each candidate module runs at once on the inputs just seen (the local

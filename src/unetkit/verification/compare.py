@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import unetkit
 from unetkit.dtypes import compute_dtype
 from unetkit.errors import UnetkitError
+from unetkit.loading import load_unet
 from unetkit.metrics import compare
-from unetkit.verification.blame import blame as run_blame
+from unetkit.verification.blame import run_blame
 from unetkit.verification.inputs import DEFAULT_GUIDANCE, SCHEDULERS, make_inputs, make_scheduler, spread_timesteps
 from unetkit.verification.presets import PRESETS
 from unetkit.verification.report import Report, Side
@@ -165,13 +165,13 @@ def _load(src: str | Path | nn.Module, dtype, role: str) -> tuple[nn.Module, Sid
         if not path.exists():
             raise UnetkitError(f"{role} {path}: no such file or folder")
         if is_quantized_dir(path):  # torchao / quanto folder: its weights are tensor subclasses (seen below)
-            model, variant = unetkit.load_unet(path, dtype=dtype), None
+            model, variant = load_unet(path, dtype=dtype), None
         else:
             source = open_unet(path)
             stored_quantized = any(e.qtype is not None for e in source.tensors.values())  # GGUF blocks
             # GGUF runs on the fly, as users run it: weights stay packed (a full-size fp32 decode would add 2.5 GB
             # next to the reference), and 'load' gives the same output bit for bit (tested)
-            model = unetkit.load_unet(source, dtype=dtype, dequantize="on-the-fly" if stored_quantized else "load")
+            model = load_unet(source, dtype=dtype, dequantize="on-the-fly" if stored_quantized else "load")
             variant = source.spec.variant
         name = str(path)
     params = [*model.parameters(), *model.buffers()]

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-import unetkit
+from unetkit._version import __version__
 from unetkit.formats.atomic import atomic_output
 
 SCHEMA = "unetkit.verify/1"
@@ -105,7 +105,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return _json_safe({
             "schema": SCHEMA,
-            "unetkit_version": unetkit.__version__,
+            "unetkit_version": __version__,
             "torch_version": torch.__version__,
             "seconds": round(self.seconds, 3),
             "reference": asdict(self.reference),

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from unetkit.errors import QuantError
 from unetkit.provenance import LDM_PREFIX
-from unetkit.quant.globs import matches
+from unetkit.globs import matches
 from unetkit.quant.gguf.qtypes import qtype_by_name
 from unetkit.shapes import numel
 

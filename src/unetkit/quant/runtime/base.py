@@ -35,7 +35,7 @@ from torch import nn
 from unetkit import families
 from unetkit.errors import BackendUnavailable, QuantError
 from unetkit.families.base import Family
-from unetkit.quant.globs import matches
+from unetkit.globs import matches
 
 if TYPE_CHECKING:
     import torch

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 from unetkit._version import __version__
+from unetkit._quiet import quiet_third_party
 from unetkit.errors import UnetkitError
 
 DESCRIPTION = """unetkit: read, convert, quantize and verify Stable Diffusion 1.x/2.x UNet checkpoints.
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (inspect_cmd, convert_cmd, quantize_cmd, verify_cmd, bench_cmd):
         module.add_parser(sub)
+    for p in sub.choices.values():  # -v and -q work after the command too; SUPPRESS keeps the value given before it
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")
+        p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 
@@ -51,12 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        # diffusers and torchao log warnings while being imported (optional CUDA kernels, torchao tensor types);
-        # they say nothing about the user's files. diffusers resets its logger level on import, hence the env var.
-        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-        warnings.filterwarnings("ignore")
-        for noisy in ("torchao", "diffusers", "torch", "optimum"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        quiet_third_party()  # import-time chatter of torch, diffusers and torchao (see unetkit/_quiet.py)
     try:
         return int(args.run(args) or 0)
     except UnetkitError as e:
