@@ -119,7 +119,7 @@ def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:
 
     from unetkit.quant.runtime.base import backend
 
-    gguf = backend("gguf")
+    gguf: Any = backend("gguf")  # the GGUF backend's attach() is beyond the RuntimeBackend protocol
     done: set[str] = set()
     for name, entry in source.tensors.items():
         if entry.qtype is None or entry.raw is None or not name.endswith(".weight"):

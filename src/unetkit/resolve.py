@@ -82,9 +82,9 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
         by_dotless = {dotless(ldm): ldm for ldm in keymap.ldm_to_diffusers}
         if len(by_dotless) != len(keymap.ldm_to_diffusers):
             raise KeyMapError("internal: two LDM names collide without dots; EMA names would be ambiguous")
-        unknown = [raw for d, raw in split.ema.items() if d not in by_dotless]
-        if unknown:
-            raise KeyMapError(f"{len(unknown)} EMA key(s) match no UNet key: {list_some(unknown)}")
+        stray = [raw for d, raw in split.ema.items() if d not in by_dotless]
+        if stray:
+            raise KeyMapError(f"{len(stray)} EMA key(s) match no UNet key: {list_some(stray)}")
         for raw in raw_by_name.values():
             ignored[raw] = "live weights replaced by the EMA copy (ema=True)"
         raw_by_name = {by_dotless[d]: raw for d, raw in split.ema.items()}

@@ -52,7 +52,7 @@ def read(path: str | Path) -> Checkpoint:
         from unetkit.formats.diffusers_dir import read_diffusers_folder
 
         return read_diffusers_folder(path)
-    from unetkit.formats.gguf import read_gguf  # type: ignore[attr-defined]
+    from unetkit.formats.gguf import read_gguf
 
     return read_gguf(path)
 

@@ -82,7 +82,8 @@ def read_range(file: Path | str, offset: int, shape: tuple[int, ...], dtype: tor
 
     out = torch.empty(shape, dtype=dtype)
     if out.numel():
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        # numpy arrays are buffers; numpy's stubs do not say so to mypy
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
         with open(file, "rb", buffering=0) as f:
             f.seek(offset)
             got = f.readinto(view)

@@ -167,6 +167,7 @@ def write_safetensors(
 
         def flush_run() -> None:
             if run:
+                assert run[0].src_file is not None  # only byte-range tensors join a run
                 _copy_range(run[0].src_file, run[0].src_offset or 0, sum(t.nbytes for t in run), out)
                 if progress:
                     for t in run:
@@ -206,7 +207,8 @@ def _write_tensor(out, t: OutTensor, path: Path) -> None:
         )
     tensor = tensor.detach().to("cpu").contiguous()
     if tensor.numel():
-        out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # reshape: 0-d tensors too
+        # reshape: 0-d tensors too. (numpy arrays are buffers; numpy's stubs do not say so to mypy)
+        out.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
 
 
 COPY_CHUNK = 8 << 20

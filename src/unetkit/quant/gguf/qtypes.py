@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from unetkit.errors import QuantError, list_some
+from unetkit.shapes import numel
 
 __all__ = [
     "QType",
@@ -135,7 +136,5 @@ def n_bytes(qtype: QType | str | int, shape: tuple[int, ...] | list[int]) -> int
     shape = tuple(int(s) for s in shape)
     if not shape:
         shape = (1,)
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
+    rows = numel(shape[:-1])
     return rows * row_bytes(qtype, shape[-1])

@@ -6,14 +6,15 @@ the same output bit for bit."""
 
 from __future__ import annotations
 
-import math
 import threading
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unetkit.quant.gguf import dequantize
+from unetkit.shapes import numel
 from unetkit.quant.runtime.base import Candidate, ModuleDecision
 
 
@@ -44,6 +45,7 @@ class GGUFWeight(nn.Module):
     def __init__(self, packed: torch.Tensor, qtype: str, shape: tuple[int, ...], stored_shape: tuple[int, ...],
                  bias: torch.Tensor | None):
         super().__init__()
+        self.packed: torch.Tensor
         self.register_buffer("packed", packed, persistent=False)
         self.qtype, self.shape, self.stored_shape = qtype, tuple(shape), tuple(stored_shape)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -55,7 +57,7 @@ class GGUFWeight(nn.Module):
         # Inference: every layer decodes into one reused buffer. A fresh multi-MB tensor per layer and forward comes
         # from newly mapped pages, and faulting those in cost more than the decode (SD1.5 Q8_0: 1.36x fp32 -> see
         # BENCHMARKS.md). The weight is consumed by the layer's op before the next layer decodes.
-        n = math.prod(self.stored_shape)
+        n = numel(self.stored_shape)
         buf = _buffer(n, dtype, self.packed.device)
         w = buf[:n].view(self.stored_shape)
         dequantize(self.packed, self.qtype, self.stored_shape, dtype, out=w)
@@ -104,7 +106,7 @@ def _attach(model: nn.Module, module_name: str, packed: torch.Tensor, qtype: str
     swap_module(model, module_name, packed, qtype, shape, stored_shape, bias)
     if not getattr(model, "_unetkit_gguf_hook", False):
         model.register_forward_hook(release_buffers)  # the per-layer decode buffer does not outlive a forward
-        model._unetkit_gguf_hook = True
+        setattr(model, "_unetkit_gguf_hook", True)  # noqa: B010 (a plain attribute, not a submodule)
 
 
 class GGUFBackend:
@@ -150,13 +152,14 @@ class GGUFBackend:
             if not c.want:
                 decisions.append(c.decision(False, c.reason))
                 continue
-            w = c.module.weight.detach()
+            module: Any = c.module  # a Linear or a Conv2d
+            w = module.weight.detach()
             dec = fit(c.name + ".weight", tuple(w.shape), scheme, f"GGUF {scheme} on the fly")
             if dec.qtype != scheme:
                 decisions.append(c.decision(False, dec.reason))
                 continue
             packed = quantize(w.float().reshape(dec.stored_shape), scheme, name=c.name + ".weight")
-            bias = c.module.bias.detach() if c.module.bias is not None else None
+            bias = module.bias.detach() if module.bias is not None else None
             decision = c.decision(True, ((c.reason + "; ") if c.reason else "") + dec.reason)
             _attach(unet, c.name, packed.reshape(-1, packed.shape[-1]), scheme, tuple(w.shape), dec.stored_shape,
                     bias)

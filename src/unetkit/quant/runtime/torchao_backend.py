@@ -83,7 +83,8 @@ class TorchAOConv2d(nn.Module):
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        kh, kw = self.kernel_size
+        return (self.out_channels, self.in_channels // self.groups, kh, kw)
 
     @property
     def as_linear(self) -> bool:
@@ -93,6 +94,8 @@ class TorchAOConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.weight is None:
+            raise RuntimeError("TorchAOConv2d has no weight yet")  # set right after construction; a bug otherwise
         if self.as_linear:
             y = F.linear(x.permute(0, 2, 3, 1), self.weight, bias)
             return y.permute(0, 3, 1, 2).contiguous()
@@ -156,7 +159,7 @@ class TorchAOBackend:
                 ok = _is_torchao_tensor(c.module.weight)
                 decisions.append(c.decision(ok, _reason(scheme, c.kind, ok, "linear", c.reason)))
             else:
-                conv: nn.Conv2d = c.module
+                conv: Any = c.module  # an nn.Conv2d
                 holder = nn.Linear(1, 1, bias=False, device="meta")
                 holder.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1), requires_grad=False)
                 q.quantize_(holder, config, filter_fn=lambda m, fqn: True)
@@ -215,7 +218,7 @@ class TorchAOBackend:
             raise KeyMapError(f"{where}: torchao tensors incomplete: missing {list_some(missing)}; "
                               f"unused {list_some(sorted(left))}")
         for d, n in zip(quantized, names):
-            module = model.get_submodule(d.name)
+            module: Any = model.get_submodule(d.name)
             w = rebuilt[n]
             if isinstance(module, nn.Conv2d):
                 new = TorchAOConv2d(module)

@@ -38,6 +38,7 @@ import torch
 
 from unetkit.errors import QuantError
 from unetkit.quant.gguf.qtypes import QType
+from unetkit.shapes import numel
 
 __all__ = [
     "Codec",
@@ -140,12 +141,12 @@ def scratch(key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
     if cache is None:
         cache = _tls.cache = {}
     k = (key, dtype, torch.device(device))
-    numel = math.prod(shape)
+    n = numel(shape)
     buf = cache.get(k)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 1), dtype=dtype, device=device)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, 1), dtype=dtype, device=device)
         cache[k] = buf
-    return buf[:numel].view(shape)
+    return buf[:n].view(shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------
