@@ -22,11 +22,18 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) -m unetkit.demo $(if $(CKPT),$(CKPT),) --out demo_out
 
+# the whole gate, as CI runs it: lint and format check, types, the import floors, the test suite
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
+# make bench                          -> every benchmarks/bench_<subject>.py, figures in BENCHMARKS.md (about 60 min)
+# make bench ONLY="startup convert_load" -> some of them, by subject
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(if $(ONLY),--only $(ONLY),)
 
 clean:
 	rm -rf demo_out .pytest_cache build *.egg-info src/*.egg-info

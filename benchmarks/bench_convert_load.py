@@ -1,10 +1,11 @@
-"""Issue 2 figures: convert and load of a full-size SD1.5 UNet (fp32 LDM safetensors, 3.44 GB), side by side with
+"""Convert and load: a full-size SD1.5 UNet (fp32 LDM safetensors, 3.44 GB), side by side with
 `cp` and diffusers (`from_single_file` with a local config + `save_pretrained`) in the same run.
 
-    python benchmarks/bench_foundation.py [--repeats 3] [--json bench_out/foundation.json]
+    python benchmarks/bench_convert_load.py [--repeats 3] [--json bench_out/convert_load.json]
 
 Page cache: warm (every input is read once first, so all tools start equal). Each figure is the median of
---repeats runs after one warm-up run, each in a fresh process; `process` adds interpreter start and imports."""
+--repeats runs after one warm-up run, each in a fresh process (a worker of benchmarks/common.py, or the command
+itself); `process` adds interpreter start and imports."""
 
 from __future__ import annotations
 
@@ -15,9 +16,21 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    fmt_s, load_results, local_config, machine, make_sd15_source, markdown, peak_rss_mb, remove, repeat, rss_now_mb,
-    run_command, run_worker, warm, worker_or_args,
+from common import (
+    fmt_s,
+    load_results,
+    local_config,
+    machine,
+    make_sd15_source,
+    markdown,
+    peak_rss_mb,
+    remove,
+    repeat,
+    rss_now_mb,
+    run_command,
+    run_worker,
+    warm,
+    worker_or_args,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -25,7 +38,7 @@ SCRIPT = Path(__file__).resolve()
 
 def worker(task: str, src: str, out: str, config_dir: str) -> dict:
     import torch
-    from diffusers import UNet2DConditionModel  # noqa: F401  imported before any clock starts, for every tool
+    from diffusers import UNet2DConditionModel  # imported before any clock starts, for every tool
 
     base_mb = rss_now_mb()  # the interpreter, torch and diffusers: the same for every tool
 
@@ -85,9 +98,13 @@ def worker(task: str, src: str, out: str, config_dir: str) -> dict:
         t = time.perf_counter()
         UNet2DConditionModel.from_single_file(src, config=config_dir)
     else:
-        raise SystemExit(f"unknown task {task}")
-    rec = {"seconds": time.perf_counter() - t, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_mb,
-           "torch": torch.__version__}
+        raise ValueError(f"unknown task {task}")
+    rec = {
+        "seconds": time.perf_counter() - t,
+        "peak_rss_mb": peak_rss_mb(),
+        "base_rss_mb": base_mb,
+        "torch": torch.__version__,
+    }
     if task in ("unetkit_convert_diffusers", "unetkit_convert_cached"):
         rec["sha256_cached"] = cached
     return rec
@@ -98,11 +115,9 @@ def main() -> None:
     ap.add_argument("--src", default="bench_out/sd15_fp32.safetensors")
     ap.add_argument("--workdir", default="bench_out")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default="bench_out/foundation.json")
+    ap.add_argument("--json", default="bench_out/convert_load.json")
     ap.add_argument("--only", nargs="*", help="run only these rows (merged into an existing --json file)")
-    args = worker_or_args(ap, worker)
-    if args is None:
-        return
+    args = worker_or_args(ap, worker)  # in a worker process (run_worker) this runs the task and exits
 
     work = Path(args.workdir)
     src = make_sd15_source(Path(args.src))
@@ -115,16 +130,28 @@ def main() -> None:
     def w(task: str):
         return lambda: run_worker(SCRIPT, task, str(src), str(out), str(config_dir))
 
-    cleanup = lambda: remove(out)  # noqa: E731
+    cleanup = lambda: remove(out)
     previous = load_results(Path(args.json)) if args.only else {}
     r: dict[str, dict] = dict(previous)
     plan = [
         ("cp", lambda: run_command(["cp", str(src), str(out)])),
         ("unetkit_convert_diffusers", w("unetkit_convert_diffusers")),
         ("unetkit_convert_cached", w("unetkit_convert_cached")),
-        ("unetkit_cli_convert", lambda: run_command([str(Path(sys.executable).parent / "unetkit"), "-q", "convert",
-                                                     str(src), str(out), "--to", "diffusers"],
-                                                    env={"UNETKIT_HASH_CACHE": "0"})),
+        (
+            "unetkit_cli_convert",
+            lambda: run_command(
+                [
+                    str(Path(sys.executable).parent / "unetkit"),
+                    "-q",
+                    "convert",
+                    str(src),
+                    str(out),
+                    "--to",
+                    "diffusers",
+                ],
+                env={"UNETKIT_HASH_CACHE": "0"},
+            ),
+        ),
         ("diffusers_convert", w("diffusers_convert")),
         ("unetkit_convert_fp16", w("unetkit_convert_fp16")),
         ("load_file", w("load_file")),
@@ -139,21 +166,27 @@ def main() -> None:
 
         convert(src, own, to="ldm")
     warm(own)
-    plan.append(("load_unet_own_file", lambda: run_worker(SCRIPT, "load_unet_own_file", str(src), str(own), str(config_dir))))
+    plan.append(
+        ("load_unet_own_file", lambda: run_worker(SCRIPT, "load_unet_own_file", str(src), str(own), str(config_dir)))
+    )
     for name, fn in plan:
         if args.only and name not in args.only:
             continue
         print(f"  {name} ...", end=" ", flush=True)
         r[name] = repeat(fn, args.repeats, cleanup)
-        print(fmt_s(r[name]), f"peak RSS {r[name].get('peak_rss_mb', 0):.0f} MB" if "peak_rss_mb" in r[name] else "",
-              flush=True)
+        print(
+            fmt_s(r[name]),
+            f"peak RSS {r[name].get('peak_rss_mb', 0):.0f} MB" if "peak_rss_mb" in r[name] else "",
+            flush=True,
+        )
 
     def rss(k):
         if "peak_rss_mb" not in r[k]:
             return "-"
         if "base_rss_mb" not in r[k]:  # a whole command (its own process)
             return f"{r[k]['peak_rss_mb'] / 1024:.2f} GB"
-        return f"{r[k]['peak_rss_mb'] / 1024:.2f} GB ({(r[k]['peak_rss_mb'] - r[k]['base_rss_mb']) / 1024:.2f} GB above imports)"
+        above = (r[k]["peak_rss_mb"] - r[k]["base_rss_mb"]) / 1024
+        return f"{r[k]['peak_rss_mb'] / 1024:.2f} GB ({above:.2f} GB above imports)"
 
     def ratio(k, base):
         if "error" in r[k] or "error" in r[base]:
@@ -162,37 +195,93 @@ def main() -> None:
 
     conv = [
         ["`cp` (reference)", fmt_s(r["cp"]), "1.00x", "-", "-"],
-        ["unetkit convert --to diffusers, first run (source sha256 computed)", fmt_s(r["unetkit_convert_diffusers"]),
-         ratio("unetkit_convert_diffusers", "cp"), rss("unetkit_convert_diffusers"), "<= 1.3x cp, <= 0.5 GB"],
-        ["unetkit convert --to diffusers, later run (sha256 remembered)", fmt_s(r["unetkit_convert_cached"]),
-         ratio("unetkit_convert_cached", "cp"), rss("unetkit_convert_cached"), "<= 1.3x cp, <= 0.5 GB"],
-        ["`unetkit convert --to diffusers` (whole CLI process, first run)", fmt_s(r["unetkit_cli_convert"]),
-         ratio("unetkit_cli_convert", "cp"), rss("unetkit_cli_convert"), "<= 0.5 GB"],
-        ["diffusers from_single_file + save_pretrained", fmt_s(r["diffusers_convert"]),
-         ratio("diffusers_convert", "cp"), rss("diffusers_convert"), ""],
-        ["unetkit convert --to diffusers --dtype fp16", fmt_s(r["unetkit_convert_fp16"]),
-         ratio("unetkit_convert_fp16", "cp"), rss("unetkit_convert_fp16"), "recorded"],
+        [
+            "unetkit convert --to diffusers, first run (source sha256 computed)",
+            fmt_s(r["unetkit_convert_diffusers"]),
+            ratio("unetkit_convert_diffusers", "cp"),
+            rss("unetkit_convert_diffusers"),
+            "<= 1.3x cp, <= 0.5 GB",
+        ],
+        [
+            "unetkit convert --to diffusers, later run (sha256 remembered)",
+            fmt_s(r["unetkit_convert_cached"]),
+            ratio("unetkit_convert_cached", "cp"),
+            rss("unetkit_convert_cached"),
+            "<= 1.3x cp, <= 0.5 GB",
+        ],
+        [
+            "`unetkit convert --to diffusers` (whole CLI process, first run)",
+            fmt_s(r["unetkit_cli_convert"]),
+            ratio("unetkit_cli_convert", "cp"),
+            rss("unetkit_cli_convert"),
+            "<= 0.5 GB",
+        ],
+        [
+            "diffusers from_single_file + save_pretrained",
+            fmt_s(r["diffusers_convert"]),
+            ratio("diffusers_convert", "cp"),
+            rss("diffusers_convert"),
+            "",
+        ],
+        [
+            "unetkit convert --to diffusers --dtype fp16",
+            fmt_s(r["unetkit_convert_fp16"]),
+            ratio("unetkit_convert_fp16", "cp"),
+            rss("unetkit_convert_fp16"),
+            "recorded",
+        ],
     ]
     load = [
         ["safetensors load_file (lazy mmap, pages not touched)", fmt_s(r["load_file"]), "1.00x", rss("load_file"), ""],
-        ["safetensors load_file + touch every page", fmt_s(r["load_file_touch"]), ratio("load_file_touch", "load_file"),
-         rss("load_file_touch"), ""],
-        ["unetkit load_unet -> ready UNet2DConditionModel (default align=True)", fmt_s(r["load_unet"]),
-         ratio("load_unet", "load_file"), rss("load_unet"), "<= 1.3x load_file; < from_single_file"],
-        ["unetkit load_unet(align=False): zero-copy like diffusers", fmt_s(r["load_unet_noalign"]),
-         ratio("load_unet_noalign", "load_file"), rss("load_unet_noalign"), ""],
-        ["unetkit load_unet of a unetkit-written LDM file (aligned: zero-copy)", fmt_s(r["load_unet_own_file"]),
-         ratio("load_unet_own_file", "load_file"), rss("load_unet_own_file"), ""],
-        ["diffusers from_single_file (local config)", fmt_s(r["from_single_file"]), ratio("from_single_file", "load_file"),
-         rss("from_single_file"), ""],
+        [
+            "safetensors load_file + touch every page",
+            fmt_s(r["load_file_touch"]),
+            ratio("load_file_touch", "load_file"),
+            rss("load_file_touch"),
+            "",
+        ],
+        [
+            "unetkit load_unet -> ready UNet2DConditionModel (default align=True)",
+            fmt_s(r["load_unet"]),
+            ratio("load_unet", "load_file"),
+            rss("load_unet"),
+            "<= 1.3x load_file; < from_single_file",
+        ],
+        [
+            "unetkit load_unet(align=False): zero-copy like diffusers",
+            fmt_s(r["load_unet_noalign"]),
+            ratio("load_unet_noalign", "load_file"),
+            rss("load_unet_noalign"),
+            "",
+        ],
+        [
+            "unetkit load_unet of a unetkit-written LDM file (aligned: zero-copy)",
+            fmt_s(r["load_unet_own_file"]),
+            ratio("load_unet_own_file", "load_file"),
+            rss("load_unet_own_file"),
+            "",
+        ],
+        [
+            "diffusers from_single_file (local config)",
+            fmt_s(r["from_single_file"]),
+            ratio("from_single_file", "load_file"),
+            rss("from_single_file"),
+            "",
+        ],
     ]
-    text = (markdown(conv, ["convert (3.44 GB fp32 LDM -> diffusers folder)", "wall, median (min-max)", "vs cp",
-                            "peak RSS", "target"])
-            + "\n\n" + markdown(load, ["load", "wall, median (min-max)", "vs load_file", "peak RSS", "target"]))
+    text = (
+        markdown(
+            conv,
+            ["convert (3.44 GB fp32 LDM -> diffusers folder)", "wall, median (min-max)", "vs cp", "peak RSS", "target"],
+        )
+        + "\n\n"
+        + markdown(load, ["load", "wall, median (min-max)", "vs load_file", "peak RSS", "target"])
+    )
     print("\n" + text)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"machine": machine(), "source_bytes": src.stat().st_size,
-                                           "results": r, "markdown": text}, indent=2))
+    Path(args.json).write_text(
+        json.dumps({"machine": machine(), "source_bytes": src.stat().st_size, "results": r, "markdown": text}, indent=2)
+    )
 
 
 if __name__ == "__main__":

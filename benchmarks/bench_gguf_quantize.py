@@ -1,8 +1,8 @@
-"""Issue 3 figures: a full-size SD1.5 UNet (fp32 LDM safetensors, 3.44 GB, seeded random weights) through GGUF.
+"""GGUF quantize: a full-size SD1.5 UNet (fp32 LDM safetensors, 3.44 GB, seeded random weights) through GGUF.
 
-    python benchmarks/bench_gguf.py [--recipes Q8_0 Q4_K_M ...] [--only quantize sizes latency sqnr]
+    python benchmarks/bench_gguf_quantize.py [--recipes Q8_0 Q4_K_M ...] [--only quantize sizes latency sqnr]
 
-Sections (each row in its own fresh process, diffusers imported before any clock starts):
+Sections (each row in a fresh worker process of benchmarks/common.py, diffusers imported before any clock starts):
 - quantize: `unetkit quantize` per recipe (wall, peak RSS, file size, bits/weight), side by side with what a
   ComfyUI-GGUF user runs today for the types gguf-py can encode: a gguf-py numpy quantizer following
   ComfyUI-GGUF's documented rules (`comfy_gguf_py` below; K-quants are impossible there). Q4_K_M is run
@@ -26,14 +26,38 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    load_results, local_config, machine, make_sd15_source, markdown, peak_rss_mb, remove, rss_now_mb, run_worker,
-    warm, worker_or_args,
+from common import (
+    load_results,
+    local_config,
+    machine,
+    make_sd15_source,
+    markdown,
+    peak_rss_mb,
+    remove,
+    rss_now_mb,
+    run_worker,
+    settle,
+    warm,
+    worker_or_args,
 )
 
 SCRIPT = Path(__file__).resolve()
-RECIPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
-           "Q3_K_M", "Q2_K"]
+RECIPES = [
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q6_K",
+    "Q5_K_M",
+    "Q5_K_S",
+    "Q5_1",
+    "Q5_0",
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q4_1",
+    "Q4_0",
+    "Q3_K_M",
+    "Q2_K",
+]
 GGUF_PY_TYPES = ["F16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]  # what gguf-py can encode (BF16 too; rarely used)
 COMFY_SIZES_MIB = {"F16": 1639, "Q8_0": 873, "Q4_K_M": 482, "Q4_0": 468}  # FACTS.md
 MiB = 1 << 20
@@ -97,13 +121,12 @@ def _time_forwards(unet, n: int) -> dict:
             t = time.perf_counter()
             out = unet(**args).sample
             times.append(time.perf_counter() - t)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": n,
-            "out": out}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": n, "out": out}
 
 
 def worker(task: str, src: str, out: str, arg: str) -> dict:
     import torch
-    from diffusers import UNet2DConditionModel  # noqa: F401  imported before any clock starts, for every tool
+    from diffusers import UNet2DConditionModel  # imported before any clock starts, for every tool
 
     rec: dict = {}
     if task == "unetkit_quantize":
@@ -112,8 +135,12 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
         os.environ["UNETKIT_HASH_CACHE"] = "0"  # a first run: the source is hashed too
         t = time.perf_counter()
         r = quantize_file(src, out, f"gguf:{arg}", force=True)
-        rec = {"seconds": time.perf_counter() - t, "file_bytes": r.file_bytes, "bits_per_weight": r.bits_per_weight,
-               "by_qtype": r.by_qtype}
+        rec = {
+            "seconds": time.perf_counter() - t,
+            "file_bytes": r.file_bytes,
+            "bits_per_weight": r.bits_per_weight,
+            "by_qtype": r.by_qtype,
+        }
     elif task == "gguf_py_quantize":
         t = time.perf_counter()
         comfy_gguf_py(src, out, arg)
@@ -133,8 +160,11 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
             from diffusers import GGUFQuantizationConfig
 
             unet = UNet2DConditionModel.from_single_file(
-                out, config=arg, torch_dtype=torch.float32,
-                quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
+                out,
+                config=arg,
+                torch_dtype=torch.float32,
+                quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+            )
         load_s = time.perf_counter() - t
         loaded = rss_now_mb()
         fw = _time_forwards(unet, int(os.environ.get("BENCH_FORWARDS", "3")))
@@ -149,9 +179,16 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         settled = rss_now_mb()
-        rec = {**fw, "seconds": fw["median_s"], "load_s": load_s, "rss_base_mb": base,
-               "rss_loaded_mb": loaded, "weights_resident_mb": settled - base, "rss_after_forward_mb": after,
-               "rss_settled_mb": settled}
+        rec = {
+            **fw,
+            "seconds": fw["median_s"],
+            "load_s": load_s,
+            "rss_base_mb": base,
+            "rss_loaded_mb": loaded,
+            "weights_resident_mb": settled - base,
+            "rss_after_forward_mb": after,
+            "rss_settled_mb": settled,
+        }
     elif task == "sqnr":
         from unetkit import load_unet
 
@@ -160,10 +197,12 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
             unet = load_unet(out, dtype="fp32")  # dequantize="load": bit-identical to on-the-fly (tested)
             y = unet(**_inputs(unet)).sample
         err = (y - ref).double()
-        rec = {"seconds": 0.0, "sqnr_db": float(10 * torch.log10(ref.double().pow(2).sum() / err.pow(2).sum())),
-               "cosine": float(torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(),
-                                                                     dim=0)),
-               "max_abs": float(err.abs().max())}
+        rec = {
+            "seconds": 0.0,
+            "sqnr_db": float(10 * torch.log10(ref.double().pow(2).sum() / err.pow(2).sum())),
+            "cosine": float(torch.nn.functional.cosine_similarity(y.flatten().double(), ref.flatten().double(), dim=0)),
+            "max_abs": float(err.abs().max()),
+        }
     elif task == "reference_output":
         from unetkit import load_unet
 
@@ -172,7 +211,7 @@ def worker(task: str, src: str, out: str, arg: str) -> dict:
             torch.save(unet(**_inputs(unet)).sample, out)
         rec = {"seconds": 0.0}
     else:
-        raise SystemExit(f"unknown task {task}")
+        raise ValueError(f"unknown task {task}")
     rec["peak_rss_mb"] = peak_rss_mb()
     return rec
 
@@ -185,11 +224,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the Q4_K_M whole-UNet quantize")
     ap.add_argument("--forwards", type=int, default=3, help="timed forwards per latency row (after a warm-up)")
     ap.add_argument("--only", nargs="*", default=["quantize", "sizes", "latency", "sqnr"])
-    ap.add_argument("--json", default="bench_out/gguf.json")
+    ap.add_argument("--json", default="bench_out/gguf_quantize.json")
     ap.add_argument("--table", action="store_true", help="print the markdown tables from --json and exit")
-    args = worker_or_args(ap, worker)
-    if args is None:
-        return
+    args = worker_or_args(ap, worker)  # in a worker process (run_worker) this runs the task and exits
     jpath = Path(args.json)
     r: dict = load_results(jpath)
     if not args.table:
@@ -208,12 +245,10 @@ def run(args, r: dict) -> None:
     os.environ["BENCH_FORWARDS"] = str(args.forwards)
 
     def once(name: str, *rest: str) -> dict:
-        os.sync()
-        time.sleep(0.5)
+        settle()
         print(f"  {name} {' '.join(Path(x).name for x in rest[1:])} ...", end=" ", flush=True)
         rec = run_worker(SCRIPT, name, *rest)
-        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "by_qtype"},
-              flush=True)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k != "by_qtype"}, flush=True)
         return rec
 
     def gguf_path(recipe: str, flavor: str = "comfy") -> Path:
@@ -222,10 +257,15 @@ def run(args, r: dict) -> None:
     if "quantize" in args.only or "sizes" in args.only:
         q = r.setdefault("quantize", {})
         for recipe in args.recipes:
-            runs = [once("unetkit_quantize", str(src), str(gguf_path(recipe)), recipe)
-                    for _ in range(args.repeats if recipe == "Q4_K_M" else 1)]
-            q[recipe] = {**runs[-1], "all_s": [x.get("seconds") for x in runs],
-                         "median_s": statistics.median(x.get("seconds", float("nan")) for x in runs)}
+            runs = [
+                once("unetkit_quantize", str(src), str(gguf_path(recipe)), recipe)
+                for _ in range(args.repeats if recipe == "Q4_K_M" else 1)
+            ]
+            q[recipe] = {
+                **runs[-1],
+                "all_s": [x.get("seconds") for x in runs],
+                "median_s": statistics.median(x.get("seconds", float("nan")) for x in runs),
+            }
         g = r.setdefault("gguf_py", {})
         for qtype in GGUF_PY_TYPES:
             if qtype in args.recipes:
@@ -263,6 +303,13 @@ def run(args, r: dict) -> None:
             s[recipe] = once("sqnr", str(src), str(path), str(ref))
 
 
+def resident(rec: dict) -> str:
+    if "rss_settled_mb" not in rec:
+        return "-"
+    mb = rec["weights_resident_mb"]
+    return f"{mb:.0f} MiB ({mb * MiB / rec['file_bytes']:.2f}x file)"
+
+
 def tables(r: dict) -> str:
     parts = []
     q, g = r.get("quantize", {}), r.get("gguf_py", {})
@@ -273,41 +320,92 @@ def tables(r: dict) -> str:
                 rows.append([recipe, "failed: " + rec["error"][:80], "", "", "", "", ""])
                 continue
             gp = g.get(recipe)
-            gtxt = (f"{gp['seconds']:.1f} s, {gp['peak_rss_mb'] / 1024:.2f} GB" if gp and "error" not in gp
-                    else ("n/a (gguf-py cannot encode K-quants)" if "K" in recipe else "-"))
+            gtxt = (
+                f"{gp['seconds']:.1f} s, {gp['peak_rss_mb'] / 1024:.2f} GB"
+                if gp and "error" not in gp
+                else ("n/a (gguf-py cannot encode K-quants)" if "K" in recipe else "-")
+            )
             speed = f"{gp['seconds'] / rec['median_s']:.1f}x" if gp and "error" not in gp else "-"
-            secs = (f"{rec['median_s']:.1f} s ({min(rec['all_s']):.1f}-{max(rec['all_s']):.1f}, {len(rec['all_s'])} runs)"
-                    if len(rec.get("all_s", [])) > 1 else f"{rec['median_s']:.1f} s")
+            secs = (
+                f"{rec['median_s']:.1f} s ({min(rec['all_s']):.1f}-{max(rec['all_s']):.1f}, {len(rec['all_s'])} runs)"
+                if len(rec.get("all_s", [])) > 1
+                else f"{rec['median_s']:.1f} s"
+            )
             comfy = COMFY_SIZES_MIB.get(recipe)
-            rows.append([recipe, secs, f"{rec['peak_rss_mb'] / 1024:.2f} GB", gtxt, speed,
-                         f"{rec['file_bytes'] / MiB:.0f} MiB" + (f" (ComfyUI-GGUF: {comfy} MiB)" if comfy else ""),
-                         f"{rec['bits_per_weight']:.2f}"])
-        parts.append(markdown(rows, ["recipe (comfy flavor)", "unetkit quantize, wall", "peak RSS",
-                                     "gguf-py + ComfyUI-GGUF rules", "unetkit speed-up", "file size", "bits/weight"]))
+            rows.append(
+                [
+                    recipe,
+                    secs,
+                    f"{rec['peak_rss_mb'] / 1024:.2f} GB",
+                    gtxt,
+                    speed,
+                    f"{rec['file_bytes'] / MiB:.0f} MiB" + (f" (ComfyUI-GGUF: {comfy} MiB)" if comfy else ""),
+                    f"{rec['bits_per_weight']:.2f}",
+                ]
+            )
+        parts.append(
+            markdown(
+                rows,
+                [
+                    "recipe (comfy flavor)",
+                    "unetkit quantize, wall",
+                    "peak RSS",
+                    "gguf-py + ComfyUI-GGUF rules",
+                    "unetkit speed-up",
+                    "file size",
+                    "bits/weight",
+                ],
+            )
+        )
     lat = r.get("latency", {})
     if lat:
         base = lat.get("fp32", {}).get("median_s")
         rows = []
-        names = {"fp32": "fp32 safetensors, load_unet", "unetkit_q8_0_on_the_fly": "unetkit Q8_0 on-the-fly (comfy file)",
-                 "diffusers_gguf_q8_0": "diffusers GGUF path, Q8_0 (diffusers flavor)"}
+        names = {
+            "fp32": "fp32 safetensors, load_unet",
+            "unetkit_q8_0_on_the_fly": "unetkit Q8_0 on-the-fly (comfy file)",
+            "diffusers_gguf_q8_0": "diffusers GGUF path, Q8_0 (diffusers flavor)",
+        }
         for k, rec in lat.items():
             if "error" in rec:
                 rows.append([names.get(k, k), "failed: " + rec["error"][:80], "", "", "", ""])
                 continue
-            rows.append([names.get(k, k), f"{rec['median_s']:.2f} s ({rec['min_s']:.2f}-{rec['max_s']:.2f})",
-                         f"{rec['median_s'] / base:.2f}x" if base else "-",
-                         f"{rec['file_bytes'] / MiB:.0f} MiB",
-                         f"{rec['weights_resident_mb']:.0f} MiB ({rec['weights_resident_mb'] * MiB / rec['file_bytes']:.2f}x file)"
-                         if "rss_settled_mb" in rec else "-",
-                         f"{rec['rss_after_forward_mb']:.0f} MiB / {rec['peak_rss_mb']:.0f} MiB"])
-        parts.append(markdown(rows, ["forward, batch 1, 64x64 latent", "latency, median (min-max)", "vs fp32",
-                                     "file", "resident after the forwards (RSS - RSS after imports; heap trimmed)",
-                                     "RSS after forwards / peak"]))
+            rows.append(
+                [
+                    names.get(k, k),
+                    f"{rec['median_s']:.2f} s ({rec['min_s']:.2f}-{rec['max_s']:.2f})",
+                    f"{rec['median_s'] / base:.2f}x" if base else "-",
+                    f"{rec['file_bytes'] / MiB:.0f} MiB",
+                    resident(rec),
+                    f"{rec['rss_after_forward_mb']:.0f} MiB / {rec['peak_rss_mb']:.0f} MiB",
+                ]
+            )
+        parts.append(
+            markdown(
+                rows,
+                [
+                    "forward, batch 1, 64x64 latent",
+                    "latency, median (min-max)",
+                    "vs fp32",
+                    "file",
+                    "resident after the forwards (RSS - RSS after imports; heap trimmed)",
+                    "RSS after forwards / peak",
+                ],
+            )
+        )
     s = r.get("sqnr", {})
     if s:
-        rows = [[k, f"{v['sqnr_db']:.1f}", f"{v['cosine']:.6f}", f"{v['max_abs']:.4f}",
-                 f"{q[k]['bits_per_weight']:.2f}" if k in q and "bits_per_weight" in q[k] else "-"]
-                for k, v in s.items() if "error" not in v]
+        rows = [
+            [
+                k,
+                f"{v['sqnr_db']:.1f}",
+                f"{v['cosine']:.6f}",
+                f"{v['max_abs']:.4f}",
+                f"{q[k]['bits_per_weight']:.2f}" if k in q and "bits_per_weight" in q[k] else "-",
+            ]
+            for k, v in s.items()
+            if "error" not in v
+        ]
         parts.append(markdown(rows, ["recipe", "output SQNR dB vs fp32", "cosine", "max abs", "bits/weight"]))
     return "\n\n".join(parts)
 

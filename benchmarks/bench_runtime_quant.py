@@ -1,13 +1,14 @@
-"""Issue 4 figures: runtime quantization (torchao, optimum-quanto) of a full-size SD1.5 UNet on this CPU, side by
-side with fp32 and with diffusers' own path (`from_pretrained(..., quantization_config=TorchAoConfig/QuantoConfig)`,
-which quantizes nn.Linear only), in one run.
+"""Runtime quantization (torchao, optimum-quanto) of a full-size SD1.5 UNet on this CPU, side by side with fp32
+and with diffusers' own path (`from_pretrained(..., quantization_config=TorchAoConfig/QuantoConfig)`, which
+quantizes nn.Linear only), in one run.
 
     python benchmarks/bench_runtime_quant.py [--methods torchao:int8-weight-only quanto:qint8 ...] [--forwards 2]
 
-Per row, in a fresh process (diffusers imported before any clock starts): quantize time (the model already loaded
-in fp32), resident weight bytes (every parameter and buffer, quantized tensors counted by their stored parts),
-forward latency (batch 1, 64x64 latent; one warm-up, then the median of --forwards), output SQNR / cosine vs the
-fp32 output on the same inputs, and parameter coverage (share of the UNet's parameters held quantized).
+Per row, in a fresh worker process of benchmarks/common.py (diffusers imported before any clock starts): quantize
+time (the model already loaded in fp32), resident weight bytes (every parameter and buffer, quantized tensors
+counted by their stored parts), forward latency (batch 1, 64x64 latent; one warm-up, then the median of
+--forwards), output SQNR / cosine vs the fp32 output on the same inputs, and parameter coverage (share of the
+UNet's parameters held quantized).
 Results merge into --json; `--table` prints the markdown from it."""
 
 from __future__ import annotations
@@ -20,13 +21,27 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    load_results, machine, make_sd15_source, markdown, peak_rss_mb, rss_now_mb, run_worker, warm, worker_or_args,
+from common import (
+    load_results,
+    machine,
+    make_sd15_source,
+    markdown,
+    peak_rss_mb,
+    rss_now_mb,
+    run_worker,
+    warm,
+    worker_or_args,
 )
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ["torchao:int8-weight-only", "torchao:int8-dynamic", "torchao:float8-weight-only", "quanto:qint8",
-           "quanto:qfloat8", "quanto:qint4"]
+METHODS = [
+    "torchao:int8-weight-only",
+    "torchao:int8-dynamic",
+    "torchao:float8-weight-only",
+    "quanto:qint8",
+    "quanto:qfloat8",
+    "quanto:qint4",
+]
 DIFFUSERS = ["diffusers:torchao-int8-weight-only", "diffusers:quanto-int8"]
 
 
@@ -88,9 +103,18 @@ def worker(task: str, src: str, ref_path: str, diffusers_dir: str, forwards: str
             s = time.perf_counter()
             y = unet(**args).sample
             times.append(time.perf_counter() - s)
-    rec = {"seconds": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": len(times),
-           "quantize_s": quant_s, "load_s": load_s, "weight_bytes": wbytes, "coverage": coverage,
-           "rss_above_imports_mb": rss_loaded - base, "peak_rss_mb": peak_rss_mb()}
+    rec = {
+        "seconds": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "runs": len(times),
+        "quantize_s": quant_s,
+        "load_s": load_s,
+        "weight_bytes": wbytes,
+        "coverage": coverage,
+        "rss_above_imports_mb": rss_loaded - base,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     if task == "fp32":
         torch.save(y, ref_path)
     else:
@@ -105,9 +129,7 @@ def main() -> None:
     ap.add_argument("--forwards", type=int, default=2)
     ap.add_argument("--json", default="bench_out/runtime_quant.json")
     ap.add_argument("--table", action="store_true")
-    args = worker_or_args(ap, worker)
-    if args is None:
-        return
+    args = worker_or_args(ap, worker)  # in a worker process (run_worker) this runs the task and exits
     jpath = Path(args.json)
     r: dict = load_results(jpath)
     if not args.table:
@@ -137,15 +159,34 @@ def table(r: dict) -> str:
             continue
         wb = v["weight_bytes"] / fp["weight_bytes"] if fp.get("weight_bytes") else float("nan")
         lat = f"{v['seconds']:.1f} s ({v['min_s']:.1f}-{v['max_s']:.1f})"
-        sq = ("reference" if k == "fp32" else
-              ("bit-identical" if v.get("identical") else f"{v['sqnr_db']:.1f} dB / {v['cosine']:.5f}"))
-        rows.append([k, f"{v['quantize_s']:.1f} s" + (" (load + quantize)" if k.startswith("diffusers:") else ""),
-                     f"{v['weight_bytes'] / 2**20:.0f} MiB ({wb:.2f}x)", lat,
-                     f"{v['seconds'] / fp['seconds']:.2f}x" if fp.get("seconds") else "-", sq,
-                     f"{100 * v['coverage']:.1f} %"])
-    return markdown(rows, ["method", "quantize time", "resident weight bytes (vs fp32)",
-                           "forward, batch 1, 64x64 (median)", "vs fp32", "output SQNR / cosine vs fp32",
-                           "parameters quantized"])
+        sq = (
+            "reference"
+            if k == "fp32"
+            else ("bit-identical" if v.get("identical") else f"{v['sqnr_db']:.1f} dB / {v['cosine']:.5f}")
+        )
+        rows.append(
+            [
+                k,
+                f"{v['quantize_s']:.1f} s" + (" (load + quantize)" if k.startswith("diffusers:") else ""),
+                f"{v['weight_bytes'] / 2**20:.0f} MiB ({wb:.2f}x)",
+                lat,
+                f"{v['seconds'] / fp['seconds']:.2f}x" if fp.get("seconds") else "-",
+                sq,
+                f"{100 * v['coverage']:.1f} %",
+            ]
+        )
+    return markdown(
+        rows,
+        [
+            "method",
+            "quantize time",
+            "resident weight bytes (vs fp32)",
+            "forward, batch 1, 64x64 (median)",
+            "vs fp32",
+            "output SQNR / cosine vs fp32",
+            "parameters quantized",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Issue 5 figures: `unetkit verify` and `unetkit bench` on a full-size SD1.5 UNet (fp32, seeded random weights).
+"""Verify and bench: `unetkit verify` and `unetkit bench` on a full-size SD1.5 UNet (fp32, seeded random weights).
 
     python benchmarks/bench_verify.py [--only verify-quick verify-default exact bench] [--table]
 
-Rows (each a fresh `unetkit` process, wall time and peak RSS through GNU time):
+Rows (each a fresh `unetkit` process, timed as a whole command by benchmarks/common.py's run_command: wall time and
+peak RSS through GNU time; `unetkit bench` itself measures each variant in the library's own worker process,
+`python -m unetkit.benchmarking.worker`, the same protocol as benchmarks/common.py's workers):
 - verify-quick:   fp32 LDM file vs its GGUF Q8_0 (on the fly decoded once), `--quick` (target: about 2 minutes)
 - verify-default: the same with the defaults (10 timesteps, 20 DDIM steps; target: about 10 minutes)
 - exact:          fp32 LDM file vs its diffusers-folder conversion, `--quick` (exact mode: bit-identical)
@@ -19,13 +21,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, load_results, machine, make_sd15_source, markdown, run_command  # noqa: E402
+from common import PY, load_results, machine, make_sd15_source, markdown, run_command
 
 ROWS = ["verify-quick", "verify-default", "exact", "bench"]
 
 
 def unetkit(*args: str) -> list[str]:
-    return [PY, "-m", "unetkit.cli.main", "-q", *args]
+    return [PY, "-m", "unetkit.cli.app", "-q", *args]
 
 
 def prepare(src: Path, work: Path) -> dict[str, Path]:
@@ -46,8 +48,17 @@ def run_row(row: str, src: Path, c: dict[str, Path], work: Path) -> dict:
         cmd = unetkit("bench", str(src), str(c["q8"]), str(c["q4"]), "--runs", "3", "--json", str(report), "--force")
     else:
         cand = c["diffusers"] if row == "exact" else c["q8"]
-        cmd = unetkit("verify", str(src), str(cand), "--json", str(report), "--html", str(report.with_suffix(".html")),
-                      "--force", *([] if row == "verify-default" else ["--quick"]))
+        cmd = unetkit(
+            "verify",
+            str(src),
+            str(cand),
+            "--json",
+            str(report),
+            "--html",
+            str(report.with_suffix(".html")),
+            "--force",
+            *([] if row == "verify-default" else ["--quick"]),
+        )
     rec = run_command(cmd)
     if report.exists():
         data = json.loads(report.read_text())
@@ -70,19 +81,42 @@ def table(results: dict) -> str:
             continue
         s = r.get("summary", {})
         worst = s.get("worst_sqnr_db")
-        rows.append([row, f"{r['seconds'] / 60:.1f} min", f"{r.get('peak_rss_mb', 0) / 1024:.1f} GB",
-                     f"{r.get('timesteps')} / {r.get('steps')}", r.get("unet_calls"), s.get("verdict", r.get("error")),
-                     "identical" if worst is None else f"{worst:.1f} dB", r.get("blamed") or "-"])
-    out = [markdown(rows, ["run", "wall", "peak RSS", "timesteps / steps", "UNet calls", "verdict", "worst SQNR",
-                           "blamed first"])]
+        rows.append(
+            [
+                row,
+                f"{r['seconds'] / 60:.1f} min",
+                f"{r.get('peak_rss_mb', 0) / 1024:.1f} GB",
+                f"{r.get('timesteps')} / {r.get('steps')}",
+                r.get("unet_calls"),
+                s.get("verdict", r.get("error")),
+                "identical" if worst is None else f"{worst:.1f} dB",
+                r.get("blamed") or "-",
+            ]
+        )
+    out = [
+        markdown(
+            rows,
+            ["run", "wall", "peak RSS", "timesteps / steps", "UNet calls", "verdict", "worst SQNR", "blamed first"],
+        )
+    ]
     b = results.get("bench")
     if b and "records" in b:
         recs = b["records"]
-        brows = [[Path(r["path"]).name + (f"@{r['method']}" if r.get("method") else ""), f"{r['file_bytes'] / 2**20:.0f} MiB",
-                  f"{r['load_s']:.2f} s", f"{r['rss_mb']:.0f} / {r['rss_run_mb']:.0f} MiB", f"{r['latency_median_s']:.2f} s "
-                  f"({r['latency_min_s']:.2f}-{r['latency_max_s']:.2f})"] for r in recs]
-        out.append(markdown(brows, ["variant", "file", "load", "RSS added: after load / after the runs",
-                                    "forward, batch 1, 64x64"]))
+        brows = [
+            [
+                Path(r["path"]).name + (f"@{r['method']}" if r.get("method") else ""),
+                f"{r['file_bytes'] / 2**20:.0f} MiB",
+                f"{r['load_s']:.2f} s",
+                f"{r['rss_mb']:.0f} / {r['rss_run_mb']:.0f} MiB",
+                f"{r['latency_median_s']:.2f} s ({r['latency_min_s']:.2f}-{r['latency_max_s']:.2f})",
+            ]
+            for r in recs
+        ]
+        out.append(
+            markdown(
+                brows, ["variant", "file", "load", "RSS added: after load / after the runs", "forward, batch 1, 64x64"]
+            )
+        )
     return "\n\n".join(out)
 
 

@@ -1,7 +1,33 @@
-"""Shared benchmark plumbing: the full-size source file, isolated worker processes, and tables.
+"""Shared benchmark plumbing: the full-size source file, the one worker protocol, whole-command timing, tables.
 
-Every measurement runs in its own Python process (so peak RSS is that operation's own), after one warm-up
-run, repeated; we report the median and the spread, never a lone mean."""
+Every measurement runs in a fresh process of its own (so its peak RSS is that operation's own and nothing the
+parent imported or freed blurs it), after one warm-up run, repeated; we report the median and the spread, never a
+lone mean. There are two kinds of fresh process, and this module is the only place that starts either:
+
+- A worker: ``python benchmarks/bench_X.py --worker``, started by ``run_worker(script, task, *args)``. This is THE
+  worker protocol of every script under benchmarks/ (no script has its own):
+
+  * request: one JSON object on stdin, ``{"task": TASK, "args": [ARG, ...]}``; the script's
+    ``worker(task, *args)`` function runs it (``worker_or_args`` dispatches; a script's ``main`` calls it first);
+  * answer: one JSON object, the last line on stdout: the record (``seconds``, ``peak_rss_mb``, ...), or
+    ``{"error": message, "error_type": class name}`` with exit code 2 when the task raised (its traceback goes
+    to stderr). While the task runs, ``sys.stdout`` points at stderr, so a library that prints cannot corrupt the
+    answer;
+  * the parent adds ``process_s``, the wall time of the whole process (interpreter start and imports included).
+
+  It is the same wire format as the library's own per-variant worker, ``python -m unetkit.benchmarking.worker``
+  (``unetkit.benchmarking.runner.run_isolated``, what ``unetkit bench`` uses): JSON request on stdin, JSON record
+  or ``{"error", "error_type"}`` as the last stdout line, stdout redirected to stderr while measuring. The
+  library's worker can only measure a *variant* (load a UNet file, optionally runtime-quantize it, time
+  forwards: a ``BenchRecord``); the benchmarks measure other tasks too (convert, GGUF export, third-party tools
+  such as diffusers and gguf-py side by side), so they run their task functions through this module with the
+  same protocol. Where a benchmark wants exactly a variant measurement, it runs ``unetkit bench`` (which goes
+  through the library's worker; see bench_verify.py) rather than copying it. src/ cannot be changed from here;
+  if the library ever accepts arbitrary tasks, ``run_worker`` is the one function to point at it.
+
+- A whole command (``cp``, the ``unetkit`` CLI, ``python -c pass``): ``run_command``, wall time of the process and,
+  through GNU time, its own peak RSS. Nothing is exchanged with it, so there is no protocol to share.
+"""
 
 from __future__ import annotations
 
@@ -54,17 +80,36 @@ def local_config(src: Path, config_dir: Path) -> Path:
 
 
 def worker_or_args(ap, worker):
-    """Parse the command line; in a ``--worker TASK ARGS...`` process (see run_worker) run ``worker(TASK, *ARGS)``,
-    print its JSON record and return None; otherwise return the parsed arguments."""
+    """Parse the command line. In a worker process (``--worker``, started by ``run_worker``) read the request from
+    stdin, run ``worker(task, *args)``, print the answer as the last stdout line and exit; otherwise return the
+    parsed arguments. Every script's ``main`` calls this first."""
     import argparse
 
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, *args.rest)))
-        return None
+        sys.exit(serve(worker))
     return args
+
+
+def serve(worker) -> int:
+    """The worker side of the protocol (see the module docstring): request on stdin, answer as the last stdout line;
+    returns the exit code (0, or 2 when the task raised)."""
+    import traceback
+
+    answer = sys.stdout
+    sys.stdout = sys.stderr  # whatever the task prints cannot corrupt the answer
+    try:
+        request = json.loads(sys.stdin.read())
+        reply, code = worker(request["task"], *request.get("args", [])), 0
+    except Exception as e:  # any failure: the parent reports it as the row's error
+        traceback.print_exc()
+        reply, code = {"error": f"{type(e).__name__}: {e}", "error_type": type(e).__name__}, 2
+    finally:
+        sys.stdout = answer
+    answer.write(json.dumps(reply) + "\n")
+    answer.flush()
+    return code
 
 
 def load_results(path: Path) -> dict:
@@ -88,28 +133,61 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def run_worker(script: Path, task: str, *args: str) -> dict:
-    """Run ``script --worker task args`` in a fresh process; it prints one JSON line last."""
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()][-lines:]
+    return " | ".join(kept)[-300:] if kept else "(no output)"
+
+
+def run_worker(script: Path, task: str, *args, env: dict[str, str] | None = None) -> dict:
+    """Run ``task`` of ``script`` in a fresh worker process (the protocol of the module docstring) and return its
+    record plus ``process_s``; a failed task gives ``{"error": ..., "process_s": ...}``. ``args``: JSON values."""
+    request = json.dumps({"task": task, "args": list(args)})
     t0 = time.perf_counter()
-    proc = subprocess.run([PY, str(script), "--worker", task, *args], capture_output=True, text=True,
-                          env={**os.environ, "DIFFUSERS_VERBOSITY": "error"})
+    proc = subprocess.run(
+        [PY, str(script), "--worker"],
+        input=request,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIFFUSERS_VERBOSITY": "error", **(env or {})},
+    )
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300], "process_s": wall}
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    try:
+        rec = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        rec = None
+    if not isinstance(rec, dict):
+        rec = {"error": f"worker exit code {proc.returncode}, no answer; stderr: {_tail(proc.stderr)}"}
+    elif proc.returncode != 0 and "error" not in rec:
+        rec = {"error": f"worker exit code {proc.returncode}; stderr: {_tail(proc.stderr)}"}
     rec["process_s"] = wall
     return rec
 
 
-def run_command(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+def run_command(cmd: list[str], env: dict[str, str] | None = None, rss: bool = True) -> dict:
     """Run a command; wall time and that process's own peak RSS. The RSS comes from GNU time, a small C
-    program: measured from this Python process, a child's maxrss would include the parent's pages (fork)."""
+    program: measured from this Python process, a child's maxrss would include the parent's pages (fork).
+    ``rss=False``: no GNU time in between (for start-up times, where its own exec would count)."""
     import tempfile
 
+    full_env = {**os.environ, **(env or {})}
+    if not rss:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=full_env)
+        wall = time.perf_counter() - t0
+        rec = {"seconds": wall, "process_s": wall}
+        if proc.returncode != 0:
+            rec["error"] = _tail(proc.stderr, 1)
+        return rec
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
         t0 = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+        )
         wall = time.perf_counter() - t0
         text = rss_file.read().strip().splitlines()
     rec = {"seconds": wall, "process_s": wall}
@@ -120,12 +198,17 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     return rec
 
 
+def settle() -> None:
+    """Before a measured run: flush earlier writes (otherwise writeback throttling lands on whoever runs next)."""
+    os.sync()
+    time.sleep(0.5)
+
+
 def repeat(fn, repeats: int, cleanup=None, warmup: bool = True) -> dict:
     """Median/min/max of ``fn()['seconds']`` over ``repeats`` runs after one warm-up; keeps the max peak RSS."""
     runs = []
     for i in range(repeats + (1 if warmup else 0)):
-        os.sync()  # flush earlier writes first: otherwise writeback throttling lands on whoever runs next
-        time.sleep(0.5)
+        settle()
         rec = fn()
         if cleanup:
             cleanup()
@@ -164,15 +247,37 @@ def rss_now_mb() -> float:
 
 
 def machine() -> dict:
-    import torch
+    """Where and when the figures were taken (torch's version read from its metadata: no torch import here)."""
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = None
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch_version,
         "date": time.strftime("%Y-%m-%d"),
+        "time": time.strftime("%H:%M %Z"),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "source": source_revision(),
     }
+
+
+def source_revision() -> str | None:
+    """The commit the figures were taken at, ``+modified`` when src/ differs from it (None outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+modified" if dirty else "")
 
 
 def markdown(rows: list[list[str]], header: list[str]) -> str:
