@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-from helpers import save_ldm, tiny_unet
 
+from helpers import save_ldm, tiny_unet
 from unetkit import convert
 from unetkit.benchmarking import BenchRecord, Settings, bench, parse_variant, results_dict
 from unetkit.benchmarking.measure import Latency, time_calls
@@ -61,8 +61,7 @@ def test_a_record_per_variant_every_field_filled(files):
         methods.append("quanto:qint8")
     seen = []
     settings = {**FAST, "warmup": 0}  # five variants: the isolated test below covers the warm-up
-    records = bench(variants, isolate=False, progress=lambda i, n, v, r: seen.append((i, n, v, r is None)),
-                    **settings)
+    records = bench(variants, isolate=False, progress=lambda i, n, v, r: seen.append((i, n, v, r is None)), **settings)
 
     assert [r.variant for r in records] == variants
     assert [r.method for r in records] == methods
@@ -83,8 +82,12 @@ def test_a_record_per_variant_every_field_filled(files):
         q = by_method[f"{st}@quanto:qint8"]
         assert q.weight_mb < 0.5 * fp32_mb and q.quantize_s > 0 and q.load_s >= q.quantize_s
     # progress: a start and an end per variant, in order
-    assert seen[0] == (0, len(variants), variants[0], True) and seen[-1] == (len(variants), len(variants),
-                                                                             variants[-1], False)
+    assert seen[0] == (0, len(variants), variants[0], True) and seen[-1] == (
+        len(variants),
+        len(variants),
+        variants[-1],
+        False,
+    )
     assert len(seen) == 2 * len(variants)
     doc = json.loads(json.dumps(results_dict(records, {"runs": 2})))
     assert doc["unetkit"] and doc["torch"] and doc["environment"]["python"]
@@ -94,7 +97,9 @@ def test_a_record_per_variant_every_field_filled(files):
 def test_isolated_variant_runs_in_its_own_process(files):
     (r,) = bench([files["st"]], isolate=True, **FAST)
     assert_complete(r, runs=2)
-    assert r.isolated is True and r.warmup == 1 and r.method == "as-stored" and r.file_bytes == files["st"].stat().st_size
+    assert (
+        r.isolated is True and r.warmup == 1 and r.method == "as-stored" and r.file_bytes == files["st"].stat().st_size
+    )
     # a fresh process: loading shows up as resident memory (the tiny model is ~10 MiB of fp32)
     assert r.rss_run_mb > 0.25 * r.weight_mb
 
@@ -109,8 +114,10 @@ def test_isolated_failure_names_the_variant(files, tmp_path):
 
 def test_worker_crash_reports_its_stderr(files, tmp_path, monkeypatch):
     fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\ncat >/dev/null\necho 'Traceback (most recent call last):' >&2\n"
-                    "echo 'RuntimeError: kernel exploded' >&2\nexit 1\n")
+    fake.write_text(
+        "#!/bin/sh\ncat >/dev/null\necho 'Traceback (most recent call last):' >&2\n"
+        "echo 'RuntimeError: kernel exploded' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
     with pytest.raises(UnetkitError) as e:
@@ -180,8 +187,7 @@ def test_settings_are_checked_before_anything_runs(files):
 def test_cli_table_and_json(files, tmp_path, capsys):
     st, gguf = str(files["st"]), str(files["gguf"])
     out = tmp_path / "bench.json"
-    argv = ["-q", "bench", st, gguf, "--in-process", "--runs", "2", "--warmup", "0", "--size", "16",
-            "--device", "cpu"]
+    argv = ["-q", "bench", st, gguf, "--in-process", "--runs", "2", "--warmup", "0", "--size", "16", "--device", "cpu"]
     assert main([*argv, "--json", str(out)]) == 0
     text = capsys.readouterr().out
     header = text.splitlines()[0]

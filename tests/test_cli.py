@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from helpers import save_ldm, tiny_unet
 
+from helpers import save_ldm, tiny_unet
 from unetkit.cli.app import main
 
 

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import ldm_state, no_temp_files, save_ldm, tiny_unet
 from safetensors.torch import save_file
 
+from helpers import ldm_state, no_temp_files, save_ldm, tiny_unet
 from unetkit import convert, load_unet
 from unetkit.cli.app import main
 from unetkit.errors import FormatError, KeyMapError, ModelDetectionError, OutputExistsError
@@ -49,8 +49,13 @@ def test_garbage_file(tmp_path):
 
 def test_not_a_unet(tmp_path):
     path = tmp_path / "vae.safetensors"
-    save_file({"encoder.down.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3),
-               "decoder.up.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3)}, str(path))
+    save_file(
+        {
+            "encoder.down.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3),
+            "decoder.up.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3),
+        },
+        str(path),
+    )
     with pytest.raises(ModelDetectionError, match="not a UNet.*looks like a VAE"):
         load_unet(path)
 
@@ -58,10 +63,17 @@ def test_not_a_unet(tmp_path):
 def test_sdxl_shaped_unet_is_refused(tmp_path):
     with torch.device("meta"):
         xl = UNet2DConditionModel(
-            block_out_channels=(32, 64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 2),
-            cross_attention_dim=64, attention_head_dim=(2, 4, 8), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+            block_out_channels=(32, 64, 128),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 2),
+            cross_attention_dim=64,
+            attention_head_dim=(2, 4, 8),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,
+        )
     sd = {k: torch.zeros(v.shape) for k, v in xl.state_dict().items()}
     path = tmp_path / "xl.safetensors"
     save_file(sd, str(path))
@@ -98,14 +110,19 @@ def test_missing_key(model, tmp_path, capsys):
     del sd["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"]
     path = tmp_path / "m.safetensors"
     save_file(sd, str(path))
-    with pytest.raises(KeyMapError, match=r"1 missing key\(s\): model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"):
+    with pytest.raises(
+        KeyMapError,
+        match=r"1 missing key\(s\): model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+    ):
         load_unet(path)
     assert_cli_error(["convert", str(path), str(tmp_path / "o.safetensors"), "--to", "ldm"], capsys, "missing")
     assert not (tmp_path / "o.safetensors").exists() and no_temp_files(tmp_path)
 
 
 def test_unknown_extra_key(model, tmp_path):
-    path = save_ldm(model, tmp_path / "u.safetensors", extra={"model.diffusion_model.input_blocks.1.2.weight": torch.zeros(3)})
+    path = save_ldm(
+        model, tmp_path / "u.safetensors", extra={"model.diffusion_model.input_blocks.1.2.weight": torch.zeros(3)}
+    )
     with pytest.raises(KeyMapError, match=r"1 unknown key\(s\): model.diffusion_model.input_blocks.1.2.weight"):
         load_unet(path)
 

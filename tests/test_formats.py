@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from helpers import forward, inputs, keymap_for, ldm_state, save_ldm, tiny_unet
 from safetensors.torch import save_file
 
+from helpers import forward, inputs, keymap_for, ldm_state, save_ldm, tiny_unet
 from unetkit import load_unet
 from unetkit.inspection import inspect_file
 from unetkit.resolve import open_unet
@@ -45,9 +45,12 @@ def test_full_single_file_checkpoint(model, expected, tmp_path):
     check(model, expected, path)
     src = open_unet(path)
     assert src.prefix == "model.diffusion_model."
-    assert set(src.ignored) == {"first_stage_model.encoder.conv_in.weight",
-                                "cond_stage_model.transformer.text_model.embeddings.position_ids",
-                                "alphas_cumprod", "model_ema.num_updates"}
+    assert set(src.ignored) == {
+        "first_stage_model.encoder.conv_in.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_ids",
+        "alphas_cumprod",
+        "model_ema.num_updates",
+    }
     assert "VAE" in src.ignored["first_stage_model.encoder.conv_in.weight"]
 
 
@@ -60,7 +63,9 @@ def test_unet_only_files_with_any_prefix(model, expected, tmp_path, prefix):
 
 def test_lcm_alias_name_is_accepted(model, expected, tmp_path):
     sd = ldm_state(model)
-    sd["model.diffusion_model.time_embed.cond_proj.weight"] = sd.pop("model.diffusion_model.time_embedding.cond_proj.weight")
+    sd["model.diffusion_model.time_embed.cond_proj.weight"] = sd.pop(
+        "model.diffusion_model.time_embedding.cond_proj.weight"
+    )
     save_file(sd, str(tmp_path / "alias.safetensors"))
     check(model, expected, tmp_path / "alias.safetensors")
 
@@ -141,7 +146,9 @@ def test_inspect_reports_everything(model, tmp_path):
     assert info["unet_tensors"] == 687 and info["keys_in_file"] == 691
     assert info["dtypes"]["fp32"]["tensors"] == 687
     assert {s["tensor"]: s["problem"] for s in info["suspicious"]} == {
-        "model.diffusion_model.out.2.bias": "all zero", "model.diffusion_model.out.0.weight": "1 NaN"}
+        "model.diffusion_model.out.2.bias": "all zero",
+        "model.diffusion_model.out.0.weight": "1 NaN",
+    }
     assert sum(row["count"] for row in info["ignored"]) == 4
     assert any("norm_num_groups" in a for a in info["assumptions"])
 
@@ -151,15 +158,34 @@ def test_stable_diffusion_pipeline_accepts_the_loaded_unet(tmp_path):
 
     model = tiny_unet("sd1.x")
     unet = load_unet(save_ldm(model, tmp_path / "u.safetensors"))
-    vae = AutoencoderKL(block_out_channels=[32], down_block_types=["DownEncoderBlock2D"],
-                        up_block_types=["UpDecoderBlock2D"], latent_channels=4, norm_num_groups=8)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    vae = AutoencoderKL(
+        block_out_channels=[32],
+        down_block_types=["DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(1, 7, 64, generator=g)
-    out = pipe(prompt_embeds=emb, negative_prompt_embeds=torch.zeros_like(emb), num_inference_steps=2,
-               height=32, width=32, output_type="np", generator=g).images
+    out = pipe(
+        prompt_embeds=emb,
+        negative_prompt_embeds=torch.zeros_like(emb),
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=g,
+    ).images
     assert out.shape == (1, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(out)).all())
 
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from helpers import forward, inputs, ldm_state, save_ldm, tiny_unet
 
+from helpers import forward, inputs, ldm_state, save_ldm, tiny_unet
 from unetkit import load_unet, open_unet
 from unetkit.errors import FormatError, QuantError
 from unetkit.formats.gguf import read_gguf
-from unetkit.quant.gguf import quantize
 from unetkit.gguf_export import quantize_file
+from unetkit.quant.gguf import quantize
 
 
 def sqnr(ref, x):
@@ -66,14 +66,17 @@ def test_on_the_fly_keeps_weights_packed(src, tmp_path):
 
 def test_decisions_are_explicit(src, tmp_path):
     _, path = src
-    r = quantize_file(path, tmp_path / "m.gguf", "gguf:Q4_K_M", flavor="sdcpp", override=["attn2.to_k=Q8_0"],
-                      keep=["out.*"])
+    r = quantize_file(
+        path, tmp_path / "m.gguf", "gguf:Q4_K_M", flavor="sdcpp", override=["attn2.to_k=Q8_0"], keep=["out.*"]
+    )
     by = {d["name"]: d for d in r.decisions}
     assert by["input_blocks.0.0.weight"]["qtype"] == "F16" and "sensitive" in by["input_blocks.0.0.weight"]["reason"]
     assert by["out.0.weight"]["qtype"] == "F32"
     assert by["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"]["qtype"] == "Q8_0"
-    assert by["input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"]["qtype"] == "Q6_K" or \
-        "requested" in by["input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"]["reason"]
+    assert (
+        by["input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"]["qtype"] == "Q6_K"
+        or "requested" in by["input_blocks.1.1.transformer_blocks.0.attn1.to_v.weight"]["reason"]
+    )
     conv = by["input_blocks.1.0.in_layers.2.weight"]
     assert conv["qtype"] == "F16" and "block size" in conv["reason"]  # sdcpp needs exact shapes
 
@@ -88,8 +91,11 @@ def test_diffusers_flavor_loads_in_diffusers_itself(tmp_path):
     quantize_file(path, tmp_path / "d.gguf", "gguf:Q8_0", flavor="diffusers")
     convert(path, tmp_path / "cfg", to="diffusers")  # a local config: diffusers must not reach the Hub
     theirs = UNet2DConditionModel.from_single_file(
-        str(tmp_path / "d.gguf"), config=str(tmp_path / "cfg"),
-        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32)
+        str(tmp_path / "d.gguf"),
+        config=str(tmp_path / "cfg"),
+        quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+        torch_dtype=torch.float32,
+    )
     from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
 
     ours = load_unet(tmp_path / "d.gguf", dequantize="on-the-fly")
@@ -178,6 +184,7 @@ def test_convert_gguf_to_diffusers_dequantizes(src, tmp_path):
 
 # ---- bad files -------------------------------------------------------------------------------------------------
 
+
 def gguf_bytes(tensors, n_dims_override=None):
     """A minimal GGUF v3 file by hand: no KV, the given (name, dims (ggml order), type, data) tensors."""
     head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 0)
@@ -251,8 +258,21 @@ def test_own_gguf_constants_agree_with_gguf_py():
     from unetkit.formats import gguf as fmt
     from unetkit.quant.gguf.qtypes import QTYPES
 
-    value_types = ["UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "FLOAT32", "BOOL", "STRING", "ARRAY",
-                   "UINT64", "INT64", "FLOAT64"]
+    value_types = [
+        "UINT8",
+        "INT8",
+        "UINT16",
+        "INT16",
+        "UINT32",
+        "INT32",
+        "FLOAT32",
+        "BOOL",
+        "STRING",
+        "ARRAY",
+        "UINT64",
+        "INT64",
+        "FLOAT64",
+    ]
     for name in value_types:
         assert getattr(fmt, name) == gguf.GGUFValueType[name].value, name
     assert len(QTYPES) == len({q.name for q in QTYPES}) == len({q.ggml_id for q in QTYPES})

@@ -7,10 +7,11 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+
 from helpers import save_ldm, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +29,15 @@ def _fresh(code: str) -> list[str]:
 
 
 def _cli(*argv: str) -> str:
-    return ("import contextlib, io\nfrom unetkit.cli.app import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    try:\n"
-            f"        code = main({list(argv)!r})\n"
-            "    except SystemExit as e:\n"
-            "        code = e.code\n"
-            "assert code in (0, None), code\n")
+    return (
+        "import contextlib, io\nfrom unetkit.cli.app import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        f"        code = main({list(argv)!r})\n"
+        "    except SystemExit as e:\n"
+        "        code = e.code\n"
+        "assert code in (0, None), code\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,17 @@ def test_public_names_resolve_lazily():
     assert "torch" in _fresh("import unetkit\nunetkit.load_unet")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["quantize", "--help"], ["verify", "--help"],
-                                  ["bench", "--help"], ["inspect", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["convert", "--help"],
+        ["quantize", "--help"],
+        ["verify", "--help"],
+        ["bench", "--help"],
+        ["inspect", "--help"],
+    ],
+)
 def test_help_imports_no_torch(argv):
     assert _fresh(_cli(*argv)) == []
 

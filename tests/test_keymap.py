@@ -2,8 +2,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from helpers import FULL_SD15, VARIANTS, ldm_state, tiny_unet
 
+from helpers import FULL_SD15, VARIANTS, ldm_state, tiny_unet
 from unetkit.errors import KeyMapError
 from unetkit.keymap import COND_PROJ, KeyMap, Topology, build_pairs
 
@@ -26,8 +26,12 @@ def test_full_size_sd15_key_set(lcm, expected):
 
 
 def test_full_size_sd2_key_set():
-    model = meta_unet(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024,
-                      attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
+    model = meta_unet(
+        block_out_channels=[320, 640, 1280, 1280],
+        cross_attention_dim=1024,
+        attention_head_dim=[5, 10, 20, 20],
+        use_linear_projection=True,
+    )
     km = KeyMap.for_topology(Topology.from_config(model.config))
     assert set(km.diffusers_to_ldm) == set(model.state_dict())
 
@@ -90,13 +94,24 @@ def test_pairs_are_in_model_order_and_unique():
     assert pairs[0][1].startswith("time_embedding") and pairs[-1][1] == "conv_out.bias"
 
 
-@pytest.mark.parametrize("cfg", [
-    FULL_SD15,
-    dict(FULL_SD15, time_cond_proj_dim=256, in_channels=9),
-    dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
-         use_linear_projection=True),
-    *[{**dict(block_out_channels=[32, 64, 128, 128], cross_attention_dim=64, attention_head_dim=8), **v} for v in VARIANTS.values()],
-], ids=["sd15", "sd15-inpaint-lcm", "sd2", *VARIANTS])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FULL_SD15,
+        dict(FULL_SD15, time_cond_proj_dim=256, in_channels=9),
+        dict(
+            block_out_channels=[320, 640, 1280, 1280],
+            cross_attention_dim=1024,
+            attention_head_dim=[5, 10, 20, 20],
+            use_linear_projection=True,
+        ),
+        *[
+            {**dict(block_out_channels=[32, 64, 128, 128], cross_attention_dim=64, attention_head_dim=8), **v}
+            for v in VARIANTS.values()
+        ],
+    ],
+    ids=["sd15", "sd15-inpaint-lcm", "sd2", *VARIANTS],
+)
 def test_expected_shapes_equal_diffusers_model(cfg):
     """spec.expected_shapes computes shapes without diffusers; diffusers' own model is the oracle."""
     from unetkit.spec import expected_shapes

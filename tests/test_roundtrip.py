@@ -3,10 +3,10 @@
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import VARIANTS, forward, inputs, save_ldm, tiny_unet
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers import VARIANTS, forward, inputs, save_ldm, tiny_unet
 from unetkit import load_unet
 from unetkit.conversion import convert
 

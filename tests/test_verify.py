@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-from helpers import save_ldm, tiny_unet
 
 import unetkit
+from helpers import save_ldm, tiny_unet
 from unetkit.cli.app import main
 from unetkit.gguf_export import quantize_file
 from unetkit.verification import SCHEMA_PATH, verify
@@ -146,15 +146,23 @@ def test_vae_and_prompt_embeds(plain, tmp_path):
 
     model, _ = plain
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
     vae.save_pretrained(tmp_path / "vae")
     g = torch.Generator().manual_seed(3)
-    save_file({"prompt_embeds": torch.randn(77, 64, generator=g),
-               "negative_prompt_embeds": torch.randn(77, 64, generator=g)}, str(tmp_path / "emb.safetensors"))
+    save_file(
+        {"prompt_embeds": torch.randn(77, 64, generator=g), "negative_prompt_embeds": torch.randn(77, 64, generator=g)},
+        str(tmp_path / "emb.safetensors"),
+    )
     cand = copy.deepcopy(model).half().float()
-    r = verify(model, cand, vae=tmp_path / "vae", prompt_embeds=tmp_path / "emb.safetensors", exact=False,
-               blame=False, **TINY)
+    r = verify(
+        model, cand, vae=tmp_path / "vae", prompt_embeds=tmp_path / "emb.safetensors", exact=False, blame=False, **TINY
+    )
     assert r.settings["prompt_embeds"].endswith("emb.safetensors")
     assert r.images is not None and r.images["psnr_db"] > 20 and not r.images["identical"]
     _validate(r.to_dict())
@@ -168,16 +176,30 @@ def test_vae_and_prompt_embeds(plain, tmp_path):
 def test_cli_exit_codes_and_json(plain, tmp_path, capsys):
     model, ldm = plain
     unetkit.convert(ldm, tmp_path / "diffusers", to="diffusers")
-    args = ["-q", "verify", str(ldm), str(tmp_path / "diffusers"), "--timesteps", "2", "--steps", "2",
-            "--size", "16"]
+    args = ["-q", "verify", str(ldm), str(tmp_path / "diffusers"), "--timesteps", "2", "--steps", "2", "--size", "16"]
     assert main([*args, "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["summary"]["verdict"] == "bit-identical"
     _validate(data)
     # a different model in the same architecture: not bit-identical -> exit 1 with the first differing tensor named
     other = save_ldm(tiny_unet("sd1.x", seed=1), tmp_path / "other.safetensors")
-    code = main(["-q", "verify", str(ldm), str(other), "--timesteps", "1", "--steps", "1", "--size", "16",
-                 "--no-blame", "--html", str(tmp_path / "r.html")])
+    code = main(
+        [
+            "-q",
+            "verify",
+            str(ldm),
+            str(other),
+            "--timesteps",
+            "1",
+            "--steps",
+            "1",
+            "--size",
+            "16",
+            "--no-blame",
+            "--html",
+            str(tmp_path / "r.html"),
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and "NOT BIT-IDENTICAL" in captured.out and "first differing tensor" in captured.err
     assert (tmp_path / "r.html").is_file()

@@ -8,8 +8,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_attributes(package: str, namespace: dict[str, Any], names: Mapping[str, str],
-                    ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+def lazy_attributes(
+    package: str,
+    namespace: dict[str, Any],
+    names: Mapping[str, str],
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
     """``(__getattr__, __dir__)`` for ``package`` whose globals are ``namespace``; ``names`` maps each public name
     to the module (absolute, or relative to ``package`` when it starts with a dot) that defines it."""
 

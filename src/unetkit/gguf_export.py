@@ -24,11 +24,10 @@ from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry, read_range
 from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, write_gguf
 from unetkit.formats.hashing import FileHasher
-from unetkit.quant.gguf.policy import GGUF_METHOD, Decision, Recipe, plan
 from unetkit.provenance import DECISIONS, FLAVOR, LDM_PREFIX, METHOD, SOURCE_SHA256, metadata_for
+from unetkit.quant.gguf.policy import GGUF_METHOD, Decision, Recipe, plan
 from unetkit.resolve import open_unet
 from unetkit.shapes import numel
-
 
 
 @dataclass
@@ -81,35 +80,48 @@ def quantize_file(
     source = open_unet(src, ema=ema, config=config)
     ldm_names = {d: source.ldm_name(d) for d in source.tensors}
     family = source.spec.model_family
-    sensitive = {ldm_names[d]: why for d in source.tensors
-                 if len(source.tensors[d].shape) > 1 and (why := family.sensitive_reason(d.rsplit(".", 1)[0]))}
+    sensitive = {
+        ldm_names[d]: why
+        for d in source.tensors
+        if len(source.tensors[d].shape) > 1 and (why := family.sensitive_reason(d.rsplit(".", 1)[0]))
+    }
     decisions = plan([(ldm_names[d], e.shape) for d, e in source.tensors.items()], recipe, sensitive=sensitive)
     prefix = "" if recipe.flavor == "comfy" else LDM_PREFIX
     tensors, kv = [], {}
     pool = _EncoderPool.for_plan(list(source.tensors.values()), decisions, workers)
-    for i, ((d, entry), dec) in enumerate(zip(source.tensors.items(), decisions)):
+    for i, (entry, dec) in enumerate(zip(source.tensors.values(), decisions)):
         written = prefix + dec.name
         produce = pool.producer(i) if pool and pool.handles(i) else _producer(entry, dec, written)
         tensors.append(GGUFOut(written, dec.qtype, dec.stored_shape, produce))
         if dec.stored_shape != dec.shape:
             kv[ORIG_SHAPE_KEY + written] = list(dec.shape)
     hasher = FileHasher(source.checkpoint.files)
-    meta = metadata_for(source.spec, source.path, layout="ldm", extra={
-        METHOD: f"gguf:{recipe.name}",
-        FLAVOR: recipe.flavor,
-        DECISIONS: json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
-    })
+    meta = metadata_for(
+        source.spec,
+        source.path,
+        layout="ldm",
+        extra={
+            METHOD: f"gguf:{recipe.name}",
+            FLAVOR: recipe.flavor,
+            DECISIONS: json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
+        },
+    )
     del meta["format"]  # a safetensors convention; GGUF has general.* keys
     total = sum(t.nbytes for t in tensors)
     if on_start:
         on_start(total)
     # the header is written first; the source hash, computed meanwhile on the other core, is patched in at the end
-    with (pool or contextlib.nullcontext()), atomic_output(out, force=force) as tmp:
+    with pool or contextlib.nullcontext(), atomic_output(out, force=force) as tmp:
         hasher.start()  # after the encoder processes are forked
-        write_gguf(tmp, tensors, {**meta, **kv}, arch=family.gguf_architecture, progress=progress,
-                   final_kv=lambda: {SOURCE_SHA256: hasher.result()})
-    return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(),
-                     time.perf_counter() - t0)
+        write_gguf(
+            tmp,
+            tensors,
+            {**meta, **kv},
+            arch=family.gguf_architecture,
+            progress=progress,
+            final_kv=lambda: {SOURCE_SHA256: hasher.result()},
+        )
+    return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(), time.perf_counter() - t0)
 
 
 PARALLEL_MIN_BYTES = 256 << 20  # below this, starting encoder processes (about 2 s each: torch import) does not pay
@@ -135,10 +147,14 @@ class _EncoderPool:
     def for_plan(cls, entries: list[TensorEntry], decisions: list[Decision], workers: int | None):
         jobs = {}
         for i, (e, dec) in enumerate(zip(entries, decisions)):
-            if dec.qtype not in ("F32", "F16", "BF16") and e.qtype is None and e.file is not None \
-                    and e.offset is not None and e.code in ("F32", "F16", "BF16"):
-                jobs[i] = (str(e.file), e.offset, e.code, tuple(e.shape),
-                           tuple(dec.stored_shape), dec.qtype, e.name)
+            if (
+                dec.qtype not in ("F32", "F16", "BF16")
+                and e.qtype is None
+                and e.file is not None
+                and e.offset is not None
+                and e.code in ("F32", "F16", "BF16")
+            ):
+                jobs[i] = (str(e.file), e.offset, e.code, tuple(e.shape), tuple(dec.stored_shape), dec.qtype, e.name)
         if workers is None:
             n_bytes = sum(numel(j[3]) * 4 for j in jobs.values())
             workers = (os.cpu_count() or 1) if n_bytes >= PARALLEL_MIN_BYTES else 0
@@ -158,8 +174,9 @@ class _EncoderPool:
         # fork, not spawn: spawn re-imports the caller's __main__ script, which breaks scripts without an
         # `if __name__ == "__main__"` guard. The workers are forked (and warmed up) before the hashing thread starts;
         # they run torch with one thread, as DataLoader workers do.
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_encoder_init)
+        self.executor = ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("fork"), initializer=_encoder_init
+        )
         for f in [self.executor.submit(_encoder_ready) for _ in range(self.workers)]:
             f.result()
         # the cores belong to the workers now: this process's own ops (F16 casts) run on one thread, or torch's
@@ -192,8 +209,9 @@ def _encoder_ready() -> int:
     return os.getpid()
 
 
-def _encode_job(file: str, offset: int, code: str, shape: tuple[int, ...], stored_shape: tuple[int, ...],
-                qtype: str, name: str) -> bytes:
+def _encode_job(
+    file: str, offset: int, code: str, shape: tuple[int, ...], stored_shape: tuple[int, ...], qtype: str, name: str
+) -> bytes:
     """In an encoder process: read one tensor's bytes from ``file`` and encode them as ``qtype``."""
     from unetkit.quant.gguf import quantize
 
@@ -215,8 +233,9 @@ def _producer(entry: TensorEntry, dec: Decision, written: str) -> Callable[[], n
     return produce
 
 
-def summarize(out: Path, recipe: Recipe, variant: str, decisions: list[Decision], tensors: list[GGUFOut],
-              sha: str, seconds: float) -> QuantizeResult:
+def summarize(
+    out: Path, recipe: Recipe, variant: str, decisions: list[Decision], tensors: list[GGUFOut], sha: str, seconds: float
+) -> QuantizeResult:
     by_qtype: dict[str, dict[str, int]] = defaultdict(lambda: {"tensors": 0, "parameters": 0, "bytes": 0})
     params = 0
     for dec, t in zip(decisions, tensors):
@@ -228,10 +247,16 @@ def summarize(out: Path, recipe: Recipe, variant: str, decisions: list[Decision]
         params += n
     data_bytes = sum(t.nbytes for t in tensors)
     return QuantizeResult(
-        output=str(out), method=f"gguf:{recipe.name}", flavor=recipe.flavor, variant=variant, tensors=len(tensors),
-        parameters=params, file_bytes=out.stat().st_size, bits_per_weight=8 * data_bytes / max(params, 1),
+        output=str(out),
+        method=f"gguf:{recipe.name}",
+        flavor=recipe.flavor,
+        variant=variant,
+        tensors=len(tensors),
+        parameters=params,
+        file_bytes=out.stat().st_size,
+        bits_per_weight=8 * data_bytes / max(params, 1),
         by_qtype=dict(sorted(by_qtype.items(), key=lambda kv: -kv[1]["parameters"])),
-        decisions=[d.to_dict() for d in decisions], source_sha256=sha, seconds=seconds,
+        decisions=[d.to_dict() for d in decisions],
+        source_sha256=sha,
+        seconds=seconds,
     )
-
-

@@ -58,7 +58,9 @@ def inspect_file(
         "keys_in_file": len(ckpt.entries) + len(ckpt.non_tensors),
         "unet_tensors": len(source.tensors),
         "parameters": sum(e.numel for e in source.tensors.values()),
-        "bits_per_weight": 8 * sum(e.nbytes for e in source.tensors.values()) / max(1, sum(e.numel for e in source.tensors.values())),
+        "bits_per_weight": 8
+        * sum(e.nbytes for e in source.tensors.values())
+        / max(1, sum(e.numel for e in source.tensors.values())),
         "gguf_flavor": gguf_flavor(source) if ckpt.format == "gguf" else None,
         "dtypes": dict(sorted(dtypes.items(), key=lambda kv: -kv[1]["parameters"])),
         "ignored": [
@@ -77,8 +79,11 @@ def gguf_flavor(source) -> str:
     if recorded:
         return recorded
     if not source.prefix:
-        return "comfy (no prefix" + (", orig_shape reshapes)" if any(
-            e.stored_shape and e.stored_shape != e.shape for e in source.tensors.values()) else ")")
+        return "comfy (no prefix" + (
+            ", orig_shape reshapes)"
+            if any(e.stored_shape and e.stored_shape != e.shape for e in source.tensors.values())
+            else ")"
+        )
     quantized = [e for e in source.tensors.values() if e.qtype]
     if quantized and all(len(e.shape) == 2 for e in quantized):
         return "diffusers-style (prefixed, only 2-D weights quantized)"

@@ -83,7 +83,13 @@ def load_unet(
     for name, entry in source.tensors.items():
         if name in swapped:
             continue
-        if align and entry.offset is not None and entry.offset % ALIGN and entry.dtype == target and device.type == "cpu":
+        if (
+            align
+            and entry.offset is not None
+            and entry.offset % ALIGN
+            and entry.dtype == target
+            and device.type == "cpu"
+        ):
             # Not 64-byte aligned in the file (most writers align to 8 only): a memory map would give misaligned
             # weights, and CPU kernels give different last bits on those (see formats/safetensors_io.py), so
             # read a copy into aligned memory. Aligned tensors (unetkit's own files) stay zero-copy.
@@ -101,14 +107,15 @@ def load_unet(
     missing = [k for k in result.missing_keys if k not in swapped]
     if missing or result.unexpected_keys:  # open_unet checked this already; a second line of defence
         raise KeyMapError(
-            f"{source.path}: load failed: missing {list_some(missing)}; "
-            f"unexpected {list_some(result.unexpected_keys)}"
+            f"{source.path}: load failed: missing {list_some(missing)}; unexpected {list_some(result.unexpected_keys)}"
         )
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if on_meta:
         raise KeyMapError(f"{source.path}: {len(on_meta)} tensor(s) left on the meta device: {list_some(on_meta)}")
     model.eval()
-    log.info("loaded %s (%s, %d tensors) as %s on %s", source.path, source.spec.variant, len(state), short(target), device)
+    log.info(
+        "loaded %s (%s, %d tensors) as %s on %s", source.path, source.spec.variant, len(state), short(target), device
+    )
     return model
 
 
@@ -130,16 +137,24 @@ def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:
             continue
         bias_entry = source.tensors.get(module_name + ".bias")
         bias = bias_entry.load().float().to(device) if bias_entry is not None else None
-        gguf.attach(model, module_name, entry.raw().to(device), entry.qtype, entry.shape, entry.stored_shape or entry.shape,  # noqa: E501
-                    bias)
+        gguf.attach(
+            model,
+            module_name,
+            entry.raw().to(device),
+            entry.qtype,
+            entry.shape,
+            entry.stored_shape or entry.shape,
+            bias,
+        )
         done.add(name)
         if bias_entry is not None:
             done.add(module_name + ".bias")
     return done
 
 
-def load_quantized(path: str | Path, dtype: str | torch.dtype | None = None,
-                   device: str | torch.device = "cpu") -> UNet2DConditionModel:
+def load_quantized(
+    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> UNet2DConditionModel:
     """Reload a folder written by ``unetkit.save_quantized``; nothing is re-quantized: the backend rebuilds its
     modules from the stored integers and scales, so the same inputs give the same output bit for bit (with the
     library versions recorded in the manifest; a difference is logged)."""
@@ -155,16 +170,21 @@ def load_quantized(path: str | Path, dtype: str | torch.dtype | None = None,
     be.check_available(scheme)
     stored = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
     if dtype is not None and parse_dtype(dtype) != stored:
-        raise UnetkitError(f"{path}: holds a {manifest['method']} UNet computed in {stored}; it cannot be loaded as "
-                           f"{dtype} (quantize a {dtype} UNet instead)")
+        raise UnetkitError(
+            f"{path}: holds a {manifest['method']} UNet computed in {stored}; it cannot be loaded as "
+            f"{dtype} (quantize a {dtype} UNet instead)"
+        )
     if torch.device(device).type != "cpu":
         raise UnetkitError(f"{path}: quantized folders load on the CPU; move the model afterwards (.to({device!r}))")
     saved = manifest.get("versions", {})
     now = {**library_versions(), **be.versions()}
     diff = {k: (v, now.get(k)) for k, v in saved.items() if k != "unetkit" and now.get(k) != v}
     if diff:
-        log.warning("%s: written with other library versions (%s); outputs may differ in the last bits", mf,
-                    ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()))
+        log.warning(
+            "%s: written with other library versions (%s); outputs may differ in the last bits",
+            mf,
+            ", ".join(f"{k} {a} -> {b}" for k, (a, b) in diff.items()),
+        )
     report = QuantReport.from_dict(manifest["report"])
     model = build_model(config, device="meta")
     be.rebuild(model, scheme, report.decisions, tensors, manifest["backend_state"], str(weights))

@@ -25,8 +25,10 @@ class ErrorStats:
     def __str__(self) -> str:
         if self.identical:
             return "bit-identical"
-        return (f"SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.6f}, rel L2 {self.rel_l2:.3g}, "
-                f"max abs {self.max_abs:.3g}")
+        return (
+            f"SQNR {self.sqnr_db:.1f} dB, cosine {self.cosine:.6f}, rel L2 {self.rel_l2:.3g}, "
+            f"max abs {self.max_abs:.3g}"
+        )
 
 
 def compare(ref: torch.Tensor, x: torch.Tensor) -> ErrorStats:
@@ -41,8 +43,11 @@ def compare(ref: torch.Tensor, x: torch.Tensor) -> ErrorStats:
     denom = float(r.norm() * c.norm())
     cosine = float(r @ c) / denom if denom > 0 else (1.0 if noise == 0 else 0.0)
     return ErrorStats(
-        sqnr_db=sqnr, cosine=cosine, rel_l2=math.sqrt(noise / signal) if signal > 0 else math.inf,
-        max_abs=float(err.abs().max()) if err.numel() else 0.0, identical=identical,
+        sqnr_db=sqnr,
+        cosine=cosine,
+        rel_l2=math.sqrt(noise / signal) if signal > 0 else math.inf,
+        max_abs=float(err.abs().max()) if err.numel() else 0.0,
+        identical=identical,
     )
 
 

@@ -37,8 +37,12 @@ DECISIONS = "unetkit.decisions"
 SHA_PLACEHOLDER = "0" * 64
 
 
-def metadata_for(spec: UNetSpec, source: str | Path, layout: str, extra: Mapping[str, str] | None = None,
-                 ) -> dict[str, str]:
+def metadata_for(
+    spec: UNetSpec,
+    source: str | Path,
+    layout: str,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """The provenance of an output made from ``source`` (its file name is kept) whose UNet is ``spec``.
     The source hash is the placeholder: writers patch it in at the end."""
     meta = {

@@ -12,7 +12,6 @@ import torch
 
 from unetkit.errors import UnetkitError
 from unetkit.formats.atomic import check_output
-
 from unetkit.quant.gguf.policy import GGUF_METHOD
 
 
@@ -33,11 +32,14 @@ def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: S
     from unetkit.quant.runtime.base import QuantReport, library_versions, parse_method, plan_modules
 
     if method.lower().startswith(GGUF_METHOD):
-        raise UnetkitError(f"{method}: GGUF methods write a file; use unetkit.quantize_file(src, out, "
-                           f"method={method!r}) or `unetkit quantize IN OUT.gguf --method {method}`")
+        raise UnetkitError(
+            f"{method}: GGUF methods write a file; use unetkit.quantize_file(src, out, "
+            f"method={method!r}) or `unetkit quantize IN OUT.gguf --method {method}`"
+        )
     if getattr(unet, "unetkit_quant_report", None) is not None:
-        raise UnetkitError(f"this UNet is quantized already ({unet.unetkit_quant_report.method}); "
-                           "quantize a float UNet")
+        raise UnetkitError(
+            f"this UNet is quantized already ({unet.unetkit_quant_report.method}); quantize a float UNet"
+        )
     be, scheme = parse_method(method)
     be.check_available(scheme, unet)
     include = [include] if isinstance(include, str) else (list(include) if include is not None else None)
@@ -45,8 +47,14 @@ def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: S
     candidates = plan_modules(unet, include, exclude)
     with torch.no_grad():
         decisions = be.apply(unet, scheme, candidates)
-    report = QuantReport(method=f"{be.name}:{scheme}", backend=be.name, versions={**library_versions(),
-                         **be.versions()}, decisions=decisions, include=include, exclude=exclude)
+    report = QuantReport(
+        method=f"{be.name}:{scheme}",
+        backend=be.name,
+        versions={**library_versions(), **be.versions()},
+        decisions=decisions,
+        include=include,
+        exclude=exclude,
+    )
     unet.unetkit_quant_report = report
     return unet, report
 
@@ -79,9 +87,17 @@ def save_quantized(unet, out: str | Path, report=None, *, force: bool = False) -
     return write_quantized_dir(out, diffusers_config_json(dict(unet.config)), tensors, manifest, meta, force=force)
 
 
-def quantize_to_dir(src: str | Path, out: str | Path, method: str, *, include: Sequence[str] | None = None,
-                    exclude: Sequence[str] | None = None, force: bool = False, ema: bool = False,
-                    config: Mapping[str, Any] | str | Path | None = None):
+def quantize_to_dir(
+    src: str | Path,
+    out: str | Path,
+    method: str,
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    force: bool = False,
+    ema: bool = False,
+    config: Mapping[str, Any] | str | Path | None = None,
+):
     """``unetkit quantize IN OUT --method torchao:...|quanto:...``: load ``src`` (any input unetkit reads),
     quantize it, write the folder ``out``. Returns the QuantReport."""
     from unetkit.loading import load_unet

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unetkit import formats
+from unetkit import families, formats
 from unetkit.errors import KeyMapError, ModelDetectionError, UnetkitError, list_some
 from unetkit.formats.base import Checkpoint, TensorEntry
 from unetkit.keymap import KeyMap, Topology
-from unetkit.provenance import CONFIG
 from unetkit.keymap.prefixes import EMA_PREFIX, dotless, split_keys
-from unetkit import families
+from unetkit.provenance import CONFIG
 from unetkit.spec import UNetSpec, clean_config, detect_layout, expected_shapes, infer_config
 
 log = logging.getLogger(__name__)
@@ -103,7 +102,11 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
             shapes[d] = ckpt.entries[raw].shape
     source = "inferred"
     config = None
-    for candidate, label in ((user_config, "user"), (_metadata_config(ckpt), "file metadata"), (ckpt.config, "config.json")):
+    for candidate, label in (
+        (user_config, "user"),
+        (_metadata_config(ckpt), "file metadata"),
+        (ckpt.config, "config.json"),
+    ):
         if candidate is not None:
             config, source = clean_config(candidate), label
             break
@@ -148,9 +151,7 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {list_some(wrong, 5)}")
     if problems:
-        raise KeyMapError(
-            f"does not match the {variant} UNet described by the {source} config: " + "; ".join(problems)
-        )
+        raise KeyMapError(f"does not match the {variant} UNet described by the {source} config: " + "; ".join(problems))
     spec = UNetSpec(
         layout=layout,
         family=family.name,

@@ -7,7 +7,6 @@ against every tensor shape. Importing this module imports no torch."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +29,10 @@ DIFFUSERS_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "ti
 
 #: What other files look like, to say what a refused file is instead of "unknown".
 LOOKS_LIKE = (
-    (("label_emb.", "add_embedding.", "conditioner."), "an SDXL UNet or checkpoint (label_emb / add_embedding present)"),
+    (
+        ("label_emb.", "add_embedding.", "conditioner."),
+        "an SDXL UNet or checkpoint (label_emb / add_embedding present)",
+    ),
     (("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.", "quant_conv."), "a VAE"),
     (("text_model.", "transformer.text_model.", "token_embedding."), "a CLIP text encoder"),
     (("lora_unet_", "lora_te_", "lora_down", ".lora_A.", ".lora_B."), "a LoRA"),
@@ -216,6 +218,8 @@ def _expected(config_json: str) -> tuple[tuple[str, Shape], ...]:
 
 def diffusers_config_json(config: Mapping[str, Any]) -> str:
     """The ``config.json`` of a diffusers UNet folder (what ``save_config`` writes), without importing diffusers."""
+    import importlib.metadata  # 0.04 s of start-up: imported when a config.json is written
+
     try:
         version = importlib.metadata.version("diffusers")
     except importlib.metadata.PackageNotFoundError:

@@ -4,9 +4,9 @@ weights with the bit-exact codecs), export and rebuild through a quantized folde
 from __future__ import annotations
 
 import torch
-from helpers import forward, inputs, tiny_unet
 
 import unetkit
+from helpers import forward, inputs, tiny_unet
 from unetkit.metrics import compare
 from unetkit.quant.runtime.base import QuantReport, backend, library_versions, plan_modules
 from unetkit.quant.runtime.gguf_backend import GGUFConv2d, GGUFLinear, GGUFWeight

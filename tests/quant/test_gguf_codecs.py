@@ -403,8 +403,9 @@ def test_threads_argument_is_scoped():
     before = torch.get_num_threads()
     x = torch.randn(2, 256)
     assert torch.equal(quantize(x, "Q4_K", threads=2), quantize(x, "Q4_K"))
-    assert torch.equal(dequantize(quantize(x, "Q8_0"), "Q8_0", x.shape, threads=2),
-                       dequantize(quantize(x, "Q8_0"), "Q8_0", x.shape))
+    assert torch.equal(
+        dequantize(quantize(x, "Q8_0"), "Q8_0", x.shape, threads=2), dequantize(quantize(x, "Q8_0"), "Q8_0", x.shape)
+    )
     assert torch.get_num_threads() == before
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import forward, inputs, save_ldm, tiny_unet
 
 import unetkit
+from helpers import forward, inputs, save_ldm, tiny_unet
 from unetkit.cli.app import main
 from unetkit.errors import BackendUnavailable, FormatError, KeyMapError, OutputExistsError, QuantError
-from unetkit.metrics import compare
 from unetkit.formats.quantized_dir import MANIFEST, WEIGHTS
+from unetkit.metrics import compare
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -70,7 +70,7 @@ def cases(tmp_path_factory):
                 torch.save(args, f"{case}.args.pt")
                 jobs.append([str(case), f"{case}.args.pt", f"{case}.out.pt"])
                 results[method, variant] = dict(report=report, ref=ref, got=got, folder=case, params=n_params)
-            except Exception as e:  # noqa: BLE001  (re-raised by the test of this case)
+            except Exception as e:
                 results[method, variant] = e
     (root / "jobs.json").write_text(json.dumps(jobs))
     code = (
@@ -79,8 +79,9 @@ def cases(tmp_path_factory):
         "for folder, args, out in json.load(open(sys.argv[2])):\n"
         "    torch.save(forward(unetkit.load_unet(folder), torch.load(args)), out)"
     )
-    p = subprocess.run([sys.executable, "-c", code, str(TESTS), str(root / "jobs.json")],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(TESTS), str(root / "jobs.json")], capture_output=True, text=True, timeout=300
+    )
     torch.set_num_threads(threads)
     return results, p
 
@@ -151,10 +152,13 @@ def test_unknown_method_lists_known():
         unetkit.quantize(tiny_unet(), "bitsandbytes:nf4")
 
 
-@pytest.mark.parametrize("method,blocked,hint", [
-    ("torchao:int8-weight-only", "torchao", "pip install 'unetkit[torchao]'"),
-    ("quanto:qint8", "optimum", "pip install 'unetkit[quanto]'"),
-])
+@pytest.mark.parametrize(
+    "method,blocked,hint",
+    [
+        ("torchao:int8-weight-only", "torchao", "pip install 'unetkit[torchao]'"),
+        ("quanto:qint8", "optimum", "pip install 'unetkit[quanto]'"),
+    ],
+)
 def test_missing_package_gives_install_hint(method, blocked, hint, monkeypatch):
     monkeypatch.setitem(sys.modules, blocked, None)  # `import blocked` now raises ImportError
     with pytest.raises(BackendUnavailable) as e:
@@ -163,8 +167,9 @@ def test_missing_package_gives_install_hint(method, blocked, hint, monkeypatch):
 
 
 def test_globs_and_precedence():
-    unet, report = unetkit.quantize(tiny_unet("sd1.x-lcm"), "quanto:qint8", include=["*"],
-                                    exclude=["*attn2*", "conv_out"])
+    unet, report = unetkit.quantize(
+        tiny_unet("sd1.x-lcm"), "quanto:qint8", include=["*"], exclude=["*attn2*", "conv_out"]
+    )
     d = {x.name: x for x in report.decisions}
     assert d["conv_in"].quantized and "included by '*'" in d["conv_in"].reason  # include lifts a default
     assert d["time_embedding.cond_proj"].quantized
@@ -256,8 +261,21 @@ def test_cli_quantize_writes_folder_and_json(tmp_path, capsys):
     # existing output needs --force; the table names every module kind
     assert main(["quantize", str(src), str(out), "--method", "quanto:qint8"]) == 2
     assert "--force" in capsys.readouterr().err
-    assert main(["quantize", str(src), str(out), "--method", "torchao:int8-weight-only", "--force",
-                 "--exclude", "up_blocks.*"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(src),
+                str(out),
+                "--method",
+                "torchao:int8-weight-only",
+                "--force",
+                "--exclude",
+                "up_blocks.*",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "Conv2d 3x3" in text and "Linear" in text and "excluded by 'up_blocks.*'" in text
     assert main(["quantize", str(src), str(tmp_path / "x"), "--method", "torchao:int3"]) == 2

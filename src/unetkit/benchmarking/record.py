@@ -91,8 +91,9 @@ def environment(device: str | torch.device | None = None) -> dict[str, Any]:
     return env
 
 
-def results_dict(records: list[BenchRecord], settings: dict[str, Any] | None = None,
-                 device: str | torch.device | None = None) -> dict[str, Any]:
+def results_dict(
+    records: list[BenchRecord], settings: dict[str, Any] | None = None, device: str | torch.device | None = None
+) -> dict[str, Any]:
     """The JSON document of a benchmark: the unetkit and torch versions once at the top, the environment, the
     settings and one record per variant."""
     env = environment(device if device is not None else (records[0].device if records else None))

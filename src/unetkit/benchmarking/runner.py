@@ -63,8 +63,9 @@ class Settings:
         if self.warmup < 0:
             raise UnetkitError(f"warmup={self.warmup}: cannot be negative")
         if self.size < 8 or self.size % 8:
-            raise UnetkitError(f"size={self.size}: the latent size must be a positive multiple of 8 (the UNet "
-                               "downsamples three times)")
+            raise UnetkitError(
+                f"size={self.size}: the latent size must be a positive multiple of 8 (the UNet downsamples three times)"
+            )
         if self.batch < 1:
             raise UnetkitError(f"batch={self.batch}: must be at least 1")
 
@@ -78,8 +79,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise UnetkitError(f"unknown device {device!r}; use cpu or cuda") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailable(f"device {device!r}: this machine has no usable CUDA device (torch "
-                                 f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
+        raise BackendUnavailable(
+            f"device {device!r}: this machine has no usable CUDA device (torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise UnetkitError(f"unknown device {device!r} for a benchmark; use cpu or cuda")
     return dev
@@ -116,8 +119,15 @@ def bench(
 
     dev = resolve_device(device)
     target = parse_dtype(dtype)  # an unknown dtype fails now, not in the first worker; 'keep' -> None
-    settings = Settings(runs=runs, warmup=warmup, size=size, batch=batch, seed=seed, device=str(dev),
-                        dtype=short(target) if target is not None else None)
+    settings = Settings(
+        runs=runs,
+        warmup=warmup,
+        size=size,
+        batch=batch,
+        seed=seed,
+        device=str(dev),
+        dtype=short(target) if target is not None else None,
+    )
     settings.check()
     parsed = [parse_variant(v) for v in variants]
     records = []
@@ -125,8 +135,14 @@ def bench(
         if progress is not None:
             progress(i, len(parsed), variant.text, None)
         record = run_isolated(variant, settings) if isolate else measure_variant(variant, settings)
-        log.info("%s: load %.2f s, RSS +%.0f MiB, median %.4f s over %d runs", variant.text, record.load_s,
-                 record.rss_mb, record.latency_median_s, record.runs)
+        log.info(
+            "%s: load %.2f s, RSS +%.0f MiB, median %.4f s over %d runs",
+            variant.text,
+            record.load_s,
+            record.rss_mb,
+            record.latency_median_s,
+            record.runs,
+        )
         records.append(record)
         if progress is not None:
             progress(i + 1, len(parsed), variant.text, record)
@@ -208,13 +224,29 @@ def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolat
             e.add_note(f"while benchmarking variant {variant.text!r}")
         raise
     return BenchRecord(
-        variant=variant.text, path=str(variant.path), method=variant.method, file_bytes=size_on_disk,
-        load_s=t2 - t0, quantize_s=t2 - t1 if variant.runtime_method is not None else 0.0,
-        rss_mb=(rss1 - rss0) / MIB, rss_run_mb=(rss2 - rss0) / MIB, weight_mb=weights / MIB, cuda_mem_mb=cuda_mem,
-        latency_median_s=latency.median_s, latency_min_s=latency.min_s, latency_max_s=latency.max_s,
-        latency_iqr_s=latency.iqr_s, latencies_s=list(latency.times_s), runs=settings.runs,
-        warmup=settings.warmup, device=str(device), dtype=short(dtype), size=settings.size, batch=settings.batch,
-        seed=settings.seed, isolated=isolated,
+        variant=variant.text,
+        path=str(variant.path),
+        method=variant.method,
+        file_bytes=size_on_disk,
+        load_s=t2 - t0,
+        quantize_s=t2 - t1 if variant.runtime_method is not None else 0.0,
+        rss_mb=(rss1 - rss0) / MIB,
+        rss_run_mb=(rss2 - rss0) / MIB,
+        weight_mb=weights / MIB,
+        cuda_mem_mb=cuda_mem,
+        latency_median_s=latency.median_s,
+        latency_min_s=latency.min_s,
+        latency_max_s=latency.max_s,
+        latency_iqr_s=latency.iqr_s,
+        latencies_s=list(latency.times_s),
+        runs=settings.runs,
+        warmup=settings.warmup,
+        device=str(device),
+        dtype=short(dtype),
+        size=settings.size,
+        batch=settings.batch,
+        seed=settings.seed,
+        isolated=isolated,
     )
 
 
@@ -239,8 +271,13 @@ def run_isolated(variant: Variant, settings: Settings) -> BenchRecord:
     """Measure one variant in a fresh ``python -m unetkit.benchmarking.worker`` (request as JSON on stdin, the record as
     JSON on the last line of stdout). A failure raises ``UnetkitError`` naming the variant, with the worker's
     stderr tail."""
-    request = json.dumps({"variant": variant.to_dict(), "settings": asdict(settings),
-                          "log_level": logging.getLogger().getEffectiveLevel()})
+    request = json.dumps(
+        {
+            "variant": variant.to_dict(),
+            "settings": asdict(settings),
+            "log_level": logging.getLogger().getEffectiveLevel(),
+        }
+    )
     cmd = [sys.executable, "-m", "unetkit.benchmarking.worker"]
     log.debug("running %s for %s", " ".join(cmd), variant.text)
     try:
@@ -262,10 +299,13 @@ def run_isolated(variant: Variant, settings: Settings) -> BenchRecord:
         named = message.startswith(f"variant {variant.text!r}")
         raise cls(message if named else f"variant {variant.text!r}: {message}")
     if proc.returncode != 0 or not isinstance(reply, dict):
-        raise UnetkitError(f"variant {variant.text!r}: the benchmark process failed (exit code {proc.returncode}); "
-                           f"its stderr ends: {_tail(proc.stderr)}")
+        raise UnetkitError(
+            f"variant {variant.text!r}: the benchmark process failed (exit code {proc.returncode}); "
+            f"its stderr ends: {_tail(proc.stderr)}"
+        )
     try:
         return BenchRecord.from_dict(reply)
     except (TypeError, ValueError) as e:
-        raise UnetkitError(f"variant {variant.text!r}: the benchmark process answered an unreadable record "
-                           f"({e})") from e
+        raise UnetkitError(
+            f"variant {variant.text!r}: the benchmark process answered an unreadable record ({e})"
+        ) from e

@@ -67,8 +67,10 @@ def valid_methods() -> list[str]:
 
 
 def methods_hint() -> str:
-    return (f"valid methods: {', '.join(GGUF_MODES)} (GGUF files only), {', '.join(runtime_methods())}; "
-            "write VARIANT as PATH or PATH@METHOD")
+    return (
+        f"valid methods: {', '.join(GGUF_MODES)} (GGUF files only), {', '.join(runtime_methods())}; "
+        "write VARIANT as PATH or PATH@METHOD"
+    )
 
 
 def _canonical(method: str) -> str | None:
@@ -97,9 +99,11 @@ def parse_variant(text: str | Path) -> Variant:
     elif at and Path(head).exists():
         raise UnetkitError(f"variant {text!r}: unknown method {tail!r}; {methods_hint()}")
     else:
-        raise UnetkitError(f"variant {text!r}: no such file or folder {text!r}"
-                           + (f" (nor {head!r}, and {tail!r} is not a method)" if at else "")
-                           + f"; {methods_hint()}")
+        raise UnetkitError(
+            f"variant {text!r}: no such file or folder {text!r}"
+            + (f" (nor {head!r}, and {tail!r} is not a method)" if at else "")
+            + f"; {methods_hint()}"
+        )
     if not path.exists():
         raise UnetkitError(f"variant {text!r}: no such file or folder {str(path)!r}")
     try:
@@ -109,14 +113,17 @@ def parse_variant(text: str | Path) -> Variant:
     if method is None:
         method = "on-the-fly" if is_gguf else AS_STORED
     if method in GGUF_MODES and not is_gguf:
-        raise UnetkitError(f"variant {text!r}: {method!r} is a GGUF dequantize mode and {str(path)!r} is not a "
-                           f"GGUF file; benchmark it without a method, or with a runtime method "
-                           f"({', '.join(runtime_methods())})")
+        raise UnetkitError(
+            f"variant {text!r}: {method!r} is a GGUF dequantize mode and {str(path)!r} is not a "
+            f"GGUF file; benchmark it without a method, or with a runtime method "
+            f"({', '.join(runtime_methods())})"
+        )
     variant = Variant(text=text, path=path, method=method, is_gguf=is_gguf)
     if variant.runtime_method is not None:
         if is_quantized_dir(path):
-            raise UnetkitError(f"variant {text!r}: {str(path)!r} is runtime-quantized already; benchmark it "
-                               f"without a method")
+            raise UnetkitError(
+                f"variant {text!r}: {str(path)!r} is runtime-quantized already; benchmark it without a method"
+            )
         from unetkit.quant.runtime.base import parse_method
 
         be, scheme = parse_method(variant.runtime_method)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import warnings
 
 
 def main() -> int:
@@ -33,8 +31,9 @@ def main() -> int:
         from unetkit.errors import UnetkitError
 
         try:
-            record = measure_variant(Variant.from_dict(request["variant"]), Settings(**request["settings"]),
-                                     isolated=True)
+            record = measure_variant(
+                Variant.from_dict(request["variant"]), Settings(**request["settings"]), isolated=True
+            )
         except UnetkitError as e:
             reply, code = {"error": str(e), "error_type": type(e).__name__}, 2
         else:

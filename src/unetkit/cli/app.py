@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import warnings
 
-from unetkit._version import __version__
 from unetkit._quiet import quiet_third_party
+from unetkit._version import __version__
 from unetkit.errors import UnetkitError
 
 DESCRIPTION = """unetkit: read, convert, quantize and verify Stable Diffusion 1.x/2.x UNet checkpoints.
@@ -32,8 +30,9 @@ run `unetkit COMMAND --help` for each command's options and examples."""
 def build_parser() -> argparse.ArgumentParser:
     from unetkit.cli import bench_cmd, convert_cmd, inspect_cmd, quantize_cmd, verify_cmd
 
-    parser = argparse.ArgumentParser(prog="unetkit", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="unetkit", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"unetkit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -19,7 +19,7 @@ HELP = "benchmark UNet files and methods: load time, resident memory, sizes, for
 DESCRIPTION = f"""Benchmark one or more UNet variants and print one table. A VARIANT is PATH or PATH@METHOD; PATH is
 anything unetkit reads (safetensors, .ckpt, a diffusers folder, .gguf, a folder written by unetkit quantize).
 METHOD is how the weights run:
-  {', '.join(GGUF_MODES)}  GGUF dequantize mode (a .gguf without a method runs on-the-fly: weights stay packed)
+  {", ".join(GGUF_MODES)}  GGUF dequantize mode (a .gguf without a method runs on-the-fly: weights stay packed)
   torchao:<scheme>, quanto:<qtype>  runtime quantization applied after loading, e.g. quanto:qint8
 Each variant is loaded, given --warmup untimed forward passes and --runs timed ones on seeded example inputs
 (latents --size x --size, --batch samples, 77 text tokens). By default every variant runs in a fresh Python
@@ -46,8 +46,9 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help=HELP, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "bench", help=HELP, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("variants", nargs="+", metavar="VARIANT", help="PATH or PATH@METHOD (see above)")
     p.add_argument("--runs", type=int, default=5, help="timed forward passes per variant (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed forward passes first (default 1)")
@@ -55,12 +56,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="samples per forward pass (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the example inputs (default 0)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when present, else cpu")
-    p.add_argument("--dtype", choices=("keep", "fp32", "fp16", "bf16"), default="keep",
-                   help="compute dtype (default: each file's own floating dtype)")
-    p.add_argument("--in-process", dest="isolate", action="store_false",
-                   help="measure every variant in this process (faster; memory numbers then blur together)")
-    p.add_argument("--json", metavar="FILE", help="also write the records and the environment as JSON to FILE; "
-                   "'-' prints the JSON instead of the table")
+    p.add_argument(
+        "--dtype",
+        choices=("keep", "fp32", "fp16", "bf16"),
+        default="keep",
+        help="compute dtype (default: each file's own floating dtype)",
+    )
+    p.add_argument(
+        "--in-process",
+        dest="isolate",
+        action="store_false",
+        help="measure every variant in this process (faster; memory numbers then blur together)",
+    )
+    p.add_argument(
+        "--json",
+        metavar="FILE",
+        help="also write the records and the environment as JSON to FILE; '-' prints the JSON instead of the table",
+    )
     p.add_argument("--force", action="store_true", help="replace the --json FILE if it exists")
     p.set_defaults(run=run)
 
@@ -86,19 +98,29 @@ def render(records: list[BenchRecord]) -> str:
     first = records[0].latency_median_s
     rows = []
     for r in records:
-        rows.append([
-            r.variant, r.method, human_bytes(r.file_bytes), f"{r.load_s:.2f}", f"{r.rss_mb:.0f}", f"{r.rss_run_mb:.0f}",
-            f"{r.weight_mb:.1f}", f"{r.latency_median_s * 1e3:.1f} ± {r.latency_iqr_s * 1e3 / 2:.1f}",
-            f"{r.latency_median_s / first:.2f}x",
-        ])
+        rows.append(
+            [
+                r.variant,
+                r.method,
+                human_bytes(r.file_bytes),
+                f"{r.load_s:.2f}",
+                f"{r.rss_mb:.0f}",
+                f"{r.rss_run_mb:.0f}",
+                f"{r.weight_mb:.1f}",
+                f"{r.latency_median_s * 1e3:.1f} ± {r.latency_iqr_s * 1e3 / 2:.1f}",
+                f"{r.latency_median_s / first:.2f}x",
+            ]
+        )
     header = ["variant", "method", "file", "load s", "RSS MiB", "run MiB", "weights MiB", "latency ms", "vs first"]
     if any(r.cuda_mem_mb is not None for r in records):
         header.insert(7, "CUDA MiB")
         for row, r in zip(rows, records):
             row.insert(7, f"{r.cuda_mem_mb:.0f}" if r.cuda_mem_mb is not None else "-")
     r0 = records[0]
-    where = (f"{r0.device}, {r0.dtype}, latents {r0.size}x{r0.size}, batch {r0.batch}, {r0.warmup} warm-up + "
-             f"{r0.runs} timed runs, {'one process per variant' if r0.isolated else 'in one process'}")
+    where = (
+        f"{r0.device}, {r0.dtype}, latents {r0.size}x{r0.size}, batch {r0.batch}, {r0.warmup} warm-up + "
+        f"{r0.runs} timed runs, {'one process per variant' if r0.isolated else 'in one process'}"
+    )
     return table(rows, header) + "\n" + where
 
 
@@ -110,14 +132,31 @@ def run(args: argparse.Namespace) -> int:
         check_output(Path(args.json), args.force)  # before the benchmark, not after it
     bar, progress = _progress_bar(not args.quiet, len(args.variants))
     try:
-        records = bench(args.variants, runs=args.runs, warmup=args.warmup, size=args.size, batch=args.batch,
-                        seed=args.seed, device=args.device, dtype=None if args.dtype == "keep" else args.dtype,
-                        isolate=args.isolate, progress=progress)
+        records = bench(
+            args.variants,
+            runs=args.runs,
+            warmup=args.warmup,
+            size=args.size,
+            batch=args.batch,
+            seed=args.seed,
+            device=args.device,
+            dtype=None if args.dtype == "keep" else args.dtype,
+            isolate=args.isolate,
+            progress=progress,
+        )
     finally:
         if bar is not None:
             bar.close()
-    settings = {"runs": args.runs, "warmup": args.warmup, "size": args.size, "batch": args.batch, "seed": args.seed,
-                "device": records[0].device, "dtype": args.dtype, "isolate": args.isolate}
+    settings = {
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "size": args.size,
+        "batch": args.batch,
+        "seed": args.seed,
+        "device": records[0].device,
+        "dtype": args.dtype,
+        "isolate": args.isolate,
+    }
     doc = results_dict(records, settings)
     if to_stdout:
         emit_json(doc)

@@ -55,14 +55,16 @@ class ByteBar:
 def add_source_options(p, action: str) -> None:
     """Options every command that reads a UNet and writes an output shares."""
     p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
-    p.add_argument("--ema", action="store_true", help=f"{action} the EMA weights (model_ema.*) of a training checkpoint")
+    p.add_argument(
+        "--ema", action="store_true", help=f"{action} the EMA weights (model_ema.*) of a training checkpoint"
+    )
     p.add_argument("--config", help="a diffusers UNet config.json (or its folder) to use instead of the inferred one")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

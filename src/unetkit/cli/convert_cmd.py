@@ -23,17 +23,35 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help=HELP, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "convert",
+        help=HELP,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("input", help="file or folder to read")
     p.add_argument("output", help="output folder (--to diffusers) or .safetensors file (--to ldm)")
     p.add_argument("--to", choices=("diffusers", "ldm"), required=True, help="target layout")
-    p.add_argument("--dtype", choices=("keep", "fp32", "fp16", "bf16"), default="keep",
-                   help="cast floating tensors (default: keep the stored bytes)")
-    p.add_argument("--prefix", dest="prefix", action="store_true", default=True,
-                   help="--to ldm: put names under model.diffusion_model. (default)")
-    p.add_argument("--no-prefix", dest="prefix", action="store_false",
-                   help="--to ldm: bare LDM names (ComfyUI diffusion_models style)")
+    p.add_argument(
+        "--dtype",
+        choices=("keep", "fp32", "fp16", "bf16"),
+        default="keep",
+        help="cast floating tensors (default: keep the stored bytes)",
+    )
+    p.add_argument(
+        "--prefix",
+        dest="prefix",
+        action="store_true",
+        default=True,
+        help="--to ldm: put names under model.diffusion_model. (default)",
+    )
+    p.add_argument(
+        "--no-prefix",
+        dest="prefix",
+        action="store_false",
+        help="--to ldm: bare LDM names (ComfyUI diffusion_models style)",
+    )
     add_source_options(p, "convert")
     p.set_defaults(run=run)
 
@@ -42,15 +60,29 @@ def run(args: argparse.Namespace) -> int:
     from unetkit.conversion import convert
 
     with ByteBar("converting", enabled=not args.json and not args.quiet) as bar:
-        result = convert(args.input, args.output, to=args.to, dtype=args.dtype, prefix=args.prefix,
-                         force=args.force, ema=args.ema, config=args.config, progress=bar.update, on_start=bar.start)
+        result = convert(
+            args.input,
+            args.output,
+            to=args.to,
+            dtype=args.dtype,
+            prefix=args.prefix,
+            force=args.force,
+            ema=args.ema,
+            config=args.config,
+            progress=bar.update,
+            on_start=bar.start,
+        )
     if args.json:
         emit_json(result.to_dict())
         return 0
-    print(f"wrote {result.output} ({result.to}, {result.variant}): {result.tensors} tensors, "
-          f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s")
-    print(f"  {human_bytes(result.bytes_copied)} copied byte for byte, {result.tensors_converted} tensors cast "
-          f"(dtype {result.dtype}); source sha256 {result.source_sha256[:16]}...")
+    print(
+        f"wrote {result.output} ({result.to}, {result.variant}): {result.tensors} tensors, "
+        f"{human_bytes(result.bytes_written)} in {result.seconds:.1f} s"
+    )
+    print(
+        f"  {human_bytes(result.bytes_copied)} copied byte for byte, {result.tensors_converted} tensors cast "
+        f"(dtype {result.dtype}); source sha256 {result.source_sha256[:16]}..."
+    )
     if result.ignored:
         print(f"  {len(result.ignored)} non-UNet keys ignored (see `unetkit inspect` for reasons)")
     return 0

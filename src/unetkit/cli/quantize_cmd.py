@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 
 from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes, table
-from unetkit.quant.gguf.policy import FLAVORS, GGUF_METHOD, RECIPES
 from unetkit.errors import UnetkitError
+from unetkit.quant.gguf.policy import FLAVORS, GGUF_METHOD, RECIPES
 
 HELP = "quantize a UNet to GGUF (K-quants included), or with torchao / optimum-quanto to a reloadable folder"
 DESCRIPTION = f"""Quantize any UNet unetkit reads into a GGUF file, one tensor at a time, with encoders that produce
 exactly ggml's reference bytes. Sensitive tensors (conv_in, conv_out, time embedding: F16; biases and norms: F32)
 stay high-precision by default; every tensor's decision and reason is stored in the file and printed with --json.
 
-recipes: {', '.join('gguf:' + r for r in RECIPES)}
+recipes: {", ".join("gguf:" + r for r in RECIPES)}
 flavors:
   comfy      ComfyUI-GGUF (default): LDM names without prefix, general.architecture=sd1; tensors whose last dim
              does not fit the block are stored as rows of 256 with comfy.gguf.orig_shape, so convolutions quantize
@@ -39,21 +39,49 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help=HELP, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "quantize",
+        help=HELP,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("input", help="file or folder to read (any layout, any dtype, GGUF too)")
     p.add_argument("output", help="the .gguf file to write (gguf:), or the folder to write (torchao:, quanto:)")
-    p.add_argument("--method", required=True,
-                   help="gguf:<recipe>, torchao:<scheme> or quanto:<qtype>, e.g. gguf:Q4_K_M (see the lists above)")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="gguf:<recipe>, torchao:<scheme> or quanto:<qtype>, e.g. gguf:Q4_K_M (see the lists above)",
+    )
     p.add_argument("--flavor", choices=FLAVORS, default="comfy", help="which consumer the file is for")
-    p.add_argument("--keep", action="append", default=[], metavar="GLOB",
-                   help="keep matching tensors (LDM names) in F16/F32; repeatable")
-    p.add_argument("--override", action="append", default=[], metavar="GLOB=QTYPE",
-                   help="force a qtype for matching tensors, e.g. 'attn2.to_v=Q6_K'; repeatable")
-    p.add_argument("--include", action="append", default=None, metavar="GLOB",
-                   help="torchao/quanto: quantize only matching modules (diffusers names); repeatable")
-    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
-                   help="torchao/quanto: keep matching modules in float (wins over --include); repeatable")
+    p.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="keep matching tensors (LDM names) in F16/F32; repeatable",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="GLOB=QTYPE",
+        help="force a qtype for matching tensors, e.g. 'attn2.to_v=Q6_K'; repeatable",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="torchao/quanto: quantize only matching modules (diffusers names); repeatable",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="torchao/quanto: keep matching modules in float (wins over --include); repeatable",
+    )
     add_source_options(p, "quantize")
     p.set_defaults(run=run)
 
@@ -66,9 +94,19 @@ def run(args: argparse.Namespace) -> int:
     if args.include or args.exclude:
         raise UnetkitError("--include/--exclude are for torchao:/quanto: methods; GGUF uses --keep/--override")
     with ByteBar("quantizing", enabled=not args.json and not args.quiet) as bar:
-        r = quantize_file(args.input, args.output, args.method, flavor=args.flavor, keep=args.keep,
-                          override=args.override, force=args.force, ema=args.ema, config=args.config,
-                          progress=bar.update, on_start=bar.start)
+        r = quantize_file(
+            args.input,
+            args.output,
+            args.method,
+            flavor=args.flavor,
+            keep=args.keep,
+            override=args.override,
+            force=args.force,
+            ema=args.ema,
+            config=args.config,
+            progress=bar.update,
+            on_start=bar.start,
+        )
     if args.json:
         emit_json(r.to_dict())
         return 0
@@ -78,8 +116,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"file {human_bytes(r.file_bytes)}, {r.bits_per_weight:.2f} bits per weight over {r.parameters:,} parameters")
     fallbacks = [d for d in r.decisions if d["reason"].startswith("requested")]
     if fallbacks:
-        print(f"{len(fallbacks)} tensor(s) could not take the requested qtype (kept F16); e.g. "
-              f"{fallbacks[0]['name']}: {fallbacks[0]['reason']}")
+        print(
+            f"{len(fallbacks)} tensor(s) could not take the requested qtype (kept F16); e.g. "
+            f"{fallbacks[0]['name']}: {fallbacks[0]['reason']}"
+        )
     return 0
 
 
@@ -88,13 +128,28 @@ def run_runtime(args: argparse.Namespace) -> int:
 
     if args.keep or args.override or args.flavor != "comfy":
         raise UnetkitError(f"--keep/--override/--flavor are for gguf: methods; {args.method} uses --include/--exclude")
-    r = quantize_to_dir(args.input, args.output, args.method, include=args.include, exclude=args.exclude,
-                        force=args.force, ema=args.ema, config=args.config)
+    r = quantize_to_dir(
+        args.input,
+        args.output,
+        args.method,
+        include=args.include,
+        exclude=args.exclude,
+        force=args.force,
+        ema=args.ema,
+        config=args.config,
+    )
     if args.json:
         emit_json({"output": args.output, **r.to_dict()})
         return 0
-    rows = [[kind, f"{v['modules_quantized']}/{v['modules_quantized'] + v['modules_kept']}",
-             f"{v['params_quantized']:,}", f"{v['params_kept']:,}"] for kind, v in r.coverage().items()]
+    rows = [
+        [
+            kind,
+            f"{v['modules_quantized']}/{v['modules_quantized'] + v['modules_kept']}",
+            f"{v['params_quantized']:,}",
+            f"{v['params_kept']:,}",
+        ]
+        for kind, v in r.coverage().items()
+    ]
     print(f"wrote {args.output} ({r.method})")
     print(table(rows, ["module", "quantized", "params quantized", "params kept"]))
     share = 100 * r.params_quantized / max(r.params_total, 1)

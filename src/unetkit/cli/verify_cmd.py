@@ -10,6 +10,7 @@ from unetkit.errors import VerificationFailed
 from unetkit.verification.presets import PRESETS
 
 HELP = "check a converted or quantized UNet against its reference: exact or measured, with per-layer blame"
+_D, _Q = PRESETS["default"], PRESETS["quick"]
 DESCRIPTION = f"""Run REFERENCE and CANDIDATE (any file or folder unetkit reads: safetensors, ckpt, diffusers folder,
 GGUF, a torchao/quanto folder) on the same seeded latents and text embeddings, and report:
   - exact mode (automatic when neither side is quantized and the dtypes agree): every weight compared bit for
@@ -22,8 +23,9 @@ GGUF, a torchao/quanto folder) on the same seeded latents and text embeddings, a
     its error, so a zeroed, perturbed or badly quantized layer is named first.
 Exit code 0 when it passes, 1 when not bit-identical (exact mode) or below --min-sqnr, 2 on bad input.
 
-Presets (full-size SD1.5, fp32, 2 CPU cores): the default ({PRESETS['default']['timesteps']} timesteps, {PRESETS['default']['steps']} steps; LCM
-{PRESETS['default']['lcm_steps']}) takes about 10 minutes; --quick ({PRESETS['quick']['timesteps']} timesteps, {PRESETS['quick']['steps']} steps; LCM {PRESETS['quick']['lcm_steps']}) about 2. Tiny models take seconds."""
+Presets (full-size SD1.5, fp32, 2 CPU cores): the default ({_D["timesteps"]} timesteps, {_D["steps"]} steps;
+LCM {_D["lcm_steps"]}) takes about 10 minutes; --quick ({_Q["timesteps"]} timesteps, {_Q["steps"]} steps;
+LCM {_Q["lcm_steps"]}) about 2. Tiny models take seconds."""
 EPILOG = """examples:
   unetkit verify v1-5.safetensors unet_diffusers/
       a layout conversion: expect "bit-identical"
@@ -35,28 +37,44 @@ EPILOG = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help=HELP, description=DESCRIPTION, epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "verify",
+        help=HELP,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("reference", help="the UNet taken as right (e.g. the original file)")
     p.add_argument("candidate", help="the UNet to check (converted, quantized, ...)")
     p.add_argument("--quick", action="store_true", help="fewer timesteps and steps (about 2 min at full size)")
     p.add_argument("--timesteps", type=int, help="timesteps compared one by one (default 10; --quick 2)")
     p.add_argument("--steps", type=int, help="sampling steps (default 20, LCM 4; --quick 3, LCM 2)")
-    p.add_argument("--scheduler", choices=("ddim", "euler", "lcm"),
-                   help="sampling loop scheduler (default: lcm for LCM UNets, else ddim)")
+    p.add_argument(
+        "--scheduler",
+        choices=("ddim", "euler", "lcm"),
+        help="sampling loop scheduler (default: lcm for LCM UNets, else ddim)",
+    )
     p.add_argument("--size", type=int, default=64, help="latent size (64 = 512x512 images; default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--guidance", type=float, help="guidance scale (default 7.5 with CFG, 8 for LCM)")
-    p.add_argument("--prompt-embeds", metavar="FILE",
-                   help=".safetensors/.pt with prompt_embeds (and negative_prompt_embeds); default random")
+    p.add_argument(
+        "--prompt-embeds",
+        metavar="FILE",
+        help=".safetensors/.pt with prompt_embeds (and negative_prompt_embeds); default random",
+    )
     p.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder: decode and compare the images")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="load both sides in this dtype")
-    p.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction"),
-                   help="the scheduler's prediction type (SD1.5: epsilon; SD2 768-v: v_prediction)")
+    p.add_argument(
+        "--prediction-type",
+        default="epsilon",
+        choices=("epsilon", "v_prediction"),
+        help="the scheduler's prediction type (SD1.5: epsilon; SD2 768-v: v_prediction)",
+    )
     exact = p.add_mutually_exclusive_group()
-    exact.add_argument("--exact", dest="exact", action="store_true", default=None,
-                       help="require bit-identical weights and outputs")
+    exact.add_argument(
+        "--exact", dest="exact", action="store_true", default=None, help="require bit-identical weights and outputs"
+    )
     exact.add_argument("--no-exact", dest="exact", action="store_false", help="measure only, even if lossless")
     p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) when the worst SQNR is below DB")
     p.add_argument("--no-blame", dest="blame", action="store_false", help="skip the per-layer blame")
@@ -69,9 +87,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from unetkit.verification import verify
-
     from unetkit.formats.atomic import check_output
+    from unetkit.verification import verify
 
     for out in (args.json, args.html):
         if out and out != "-":
@@ -89,11 +106,26 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
 
     try:
-        report = verify(args.reference, args.candidate, timesteps=args.timesteps, steps=args.steps,
-                        scheduler=args.scheduler, size=args.size, seed=args.seed, batch=args.batch,
-                        guidance=args.guidance, prompt_embeds=args.prompt_embeds, vae=args.vae, exact=args.exact,
-                        min_sqnr=args.min_sqnr, blame=args.blame, quick=args.quick, dtype=args.dtype,
-                        prediction_type=args.prediction_type, progress=progress)
+        report = verify(
+            args.reference,
+            args.candidate,
+            timesteps=args.timesteps,
+            steps=args.steps,
+            scheduler=args.scheduler,
+            size=args.size,
+            seed=args.seed,
+            batch=args.batch,
+            guidance=args.guidance,
+            prompt_embeds=args.prompt_embeds,
+            vae=args.vae,
+            exact=args.exact,
+            min_sqnr=args.min_sqnr,
+            blame=args.blame,
+            quick=args.quick,
+            dtype=args.dtype,
+            prediction_type=args.prediction_type,
+            progress=progress,
+        )
     finally:
         if bar is not None:
             bar.close()

@@ -22,8 +22,10 @@ def detect(topo: Topology, shapes: Mapping[str, Shape]) -> Family:
     found = [f for f in FAMILIES if f.claims(topo, shapes)]
     if len(found) != 1:
         names = ", ".join(f.title for f in found) or "none"
-        raise ModelDetectionError(f"cannot tell the model family from the tensors (claimed by: {names}); "
-                                  f"unetkit handles {', '.join(f.title for f in FAMILIES)}")
+        raise ModelDetectionError(
+            f"cannot tell the model family from the tensors (claimed by: {names}); "
+            f"unetkit handles {', '.join(f.title for f in FAMILIES)}"
+        )
     found[0].check_topology(topo)
     return found[0]
 

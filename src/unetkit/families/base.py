@@ -142,8 +142,10 @@ def sd_base_config(topo: Topology, shapes: Mapping[str, Shape], fixed: Mapping[s
 
 def first_attention(topo: Topology) -> str:
     """The diffusers prefix of the first spatial transformer (the mid block's when no down block has one)."""
-    return next((f"down_blocks.{i}.attentions.0." for i in range(topo.n_blocks) if topo.down_attention[i]),
-                "mid_block.attentions.0.")
+    return next(
+        (f"down_blocks.{i}.attentions.0." for i in range(topo.n_blocks) if topo.down_attention[i]),
+        "mid_block.attentions.0.",
+    )
 
 
 def uses_linear_projection(topo: Topology, shapes: Mapping[str, Shape]) -> bool:

@@ -20,8 +20,11 @@ class SD1Family(Family):
         return not config.get("use_linear_projection") and not config.get("addition_embed_type")
 
     def infer_config(self, topo: Topology, shapes: Mapping[str, Shape]) -> tuple[dict[str, Any], list[str]]:
-        config = {"sample_size": self.sample_size, **sd_base_config(topo, shapes, self.fixed_config),
-                  "attention_head_dim": 8}
+        config = {
+            "sample_size": self.sample_size,
+            **sd_base_config(topo, shapes, self.fixed_config),
+            "attention_head_dim": 8,
+        }
         assumptions = [
             "norm_num_groups=32 (GroupNorm group count is not stored in weights; SD1.x/2.x use 32)",
             "attention_head_dim=8 heads (head count is not stored in weights; SD1.x uses 8)",

@@ -53,7 +53,9 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
         part = read_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f)
         for name, entry in part.entries.items():
             if name in merged.entries:
-                raise FormatError(f"{f}: tensor {name!r} also appears in {merged.entries[name].file or 'another shard'}")
+                raise FormatError(
+                    f"{f}: tensor {name!r} also appears in {merged.entries[name].file or 'another shard'}"
+                )
             merged.entries[name] = entry
         merged.metadata.update(part.metadata)
         merged.non_tensors.update(part.non_tensors)

@@ -25,7 +25,6 @@ from unetkit.quant.gguf.qtypes import QType, qtype_by_id
 from unetkit.shapes import numel
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 MAGIC = b"GGUF"
@@ -37,8 +36,19 @@ PLAIN = ("F32", "F16", "BF16")  # ggml types stored as plain little-endian float
 # GGUF KV value types, named as gguf-py's GGUFValueType (the test suite checks the numbers against it); gguf-py is not
 # imported here because it imports numpy, which would double the cost of a header-only inspect.
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-SCALAR_FORMATS = {UINT8: "B", INT8: "b", UINT16: "H", INT16: "h", UINT32: "I", INT32: "i", FLOAT32: "f", BOOL: "?",
-                  UINT64: "Q", INT64: "q", FLOAT64: "d"}
+SCALAR_FORMATS = {
+    UINT8: "B",
+    INT8: "b",
+    UINT16: "H",
+    INT16: "h",
+    UINT32: "I",
+    INT32: "i",
+    FLOAT32: "f",
+    BOOL: "?",
+    UINT64: "Q",
+    INT64: "q",
+    FLOAT64: "d",
+}
 
 #: bounds on what a header may claim, checked before anything is allocated
 MAX_STRING = 16 << 20
@@ -202,12 +212,26 @@ def read_gguf(path: Path) -> Checkpoint:
             )
         q = info.qtype.name
         if q in PLAIN:
-            entries[info.name] = TensorEntry(name=info.name, shape=shape, code=q, file=path, offset=info.offset,
-                                             nbytes=info.nbytes, loader=_plain(data, info, shape))
+            entries[info.name] = TensorEntry(
+                name=info.name,
+                shape=shape,
+                code=q,
+                file=path,
+                offset=info.offset,
+                nbytes=info.nbytes,
+                loader=_plain(data, info, shape),
+            )
         else:
-            entries[info.name] = TensorEntry(name=info.name, shape=shape, code="F32", nbytes=info.nbytes, qtype=q,
-                                             loader=_dequant(data, info, shape), raw=_raw(data, info),
-                                             stored_shape=info.shape)
+            entries[info.name] = TensorEntry(
+                name=info.name,
+                shape=shape,
+                code="F32",
+                nbytes=info.nbytes,
+                qtype=q,
+                loader=_dequant(data, info, shape),
+                raw=_raw(data, info),
+                stored_shape=info.shape,
+            )
     return Checkpoint(path=path, format="gguf", entries=entries, metadata=metadata, files=(path,))
 
 
@@ -267,8 +291,14 @@ class GGUFOut:
         self.nbytes = n_bytes(qtype, self.stored_shape)
 
 
-def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str = "sd1", progress=None,
-               final_kv: Callable[[], dict[str, str]] | None = None) -> None:
+def write_gguf(
+    path: Path,
+    tensors: list[GGUFOut],
+    kv: dict[str, Any],
+    arch: str = "sd1",
+    progress=None,
+    final_kv: Callable[[], dict[str, str]] | None = None,
+) -> None:
     """Stream ``tensors`` into a GGUF file with gguf-py's writer, one tensor produced and written at a time.
     ``kv`` values: str, int, float, bool, or a list of ints (written as an INT32 array). ``final_kv()``, called
     after the last tensor, gives string values known only then (a hash computed meanwhile); each replaces, in
@@ -291,20 +321,24 @@ def write_gguf(path: Path, tensors: list[GGUFOut], kv: dict[str, Any], arch: str
             writer.add_string(key, str(value))
     for t in tensors:
         if t.qtype in ("F32", "F16"):
-            writer.add_tensor_info(t.name, t.stored_shape, np.dtype(np.float32 if t.qtype == "F32" else np.float16),
-                                   t.nbytes)
+            writer.add_tensor_info(
+                t.name, t.stored_shape, np.dtype(np.float32 if t.qtype == "F32" else np.float16), t.nbytes
+            )
         else:
             rows = numel(t.stored_shape[:-1])
             byte_shape = (*t.stored_shape[:-1], t.nbytes // max(rows, 1))
-            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes,
-                                   raw_dtype=GGMLQuantizationType[t.qtype])
+            writer.add_tensor_info(
+                t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=GGMLQuantizationType[t.qtype]
+            )
     writer.write_header_to_file(path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for t in tensors:
         arr = t.produce()
         if arr.nbytes != t.nbytes:
-            raise FormatError(f"{path}: internal error: tensor {t.name!r} produced {arr.nbytes} bytes, expected {t.nbytes}")
+            raise FormatError(
+                f"{path}: internal error: tensor {t.name!r} produced {arr.nbytes} bytes, expected {t.nbytes}"
+            )
         writer.write_tensor_data(arr)
         if progress:
             progress(t.nbytes)

@@ -45,8 +45,15 @@ def is_quantized_dir(path: str | Path) -> bool:
     return p.is_dir() and (p / MANIFEST).is_file()
 
 
-def write_quantized_dir(out: str | Path, config_json: str, tensors: Mapping[str, torch.Tensor],
-                        manifest: Mapping[str, Any], metadata: Mapping[str, str], *, force: bool = False) -> Path:
+def write_quantized_dir(
+    out: str | Path,
+    config_json: str,
+    tensors: Mapping[str, torch.Tensor],
+    manifest: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    *,
+    force: bool = False,
+) -> Path:
     """Write the folder atomically (an existing ``out`` needs ``force``). ``manifest`` gets the format, the
     weights file's name and the dtype and shape of every tensor added."""
     out = Path(out)
@@ -56,8 +63,13 @@ def write_quantized_dir(out: str | Path, config_json: str, tensors: Mapping[str,
             codes[name] = dtypes.lookup(t.dtype).code
         except UnetkitError as e:
             raise FormatError(f"{out / WEIGHTS}: tensor {name!r}: {e}") from e
-    body = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "weights": WEIGHTS,
-            "tensors": {k: {"dtype": codes[k], "shape": list(v.shape)} for k, v in tensors.items()}}
+    body = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "weights": WEIGHTS,
+        "tensors": {k: {"dtype": codes[k], "shape": list(v.shape)} for k, v in tensors.items()},
+    }
     # safetensors' own writer: quanto stores 0-d scales (input_scale, output_scale). Alignment in the file does not
     # matter here: the reader copies every tensor into fresh (aligned) memory.
     from safetensors.torch import save_file
@@ -75,8 +87,10 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     mf = path / MANIFEST
     if not mf.is_file():
-        raise FormatError(f"{path}: not a unetkit quantized folder: {MANIFEST} is missing (write one with "
-                          "`unetkit quantize IN OUT --method torchao:...|quanto:...`)")
+        raise FormatError(
+            f"{path}: not a unetkit quantized folder: {MANIFEST} is missing (write one with "
+            "`unetkit quantize IN OUT --method torchao:...|quanto:...`)"
+        )
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -86,8 +100,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise FormatError(f"{mf}: not a unetkit quantization manifest (format {found!r}, expected {FORMAT!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise FormatError(f"{mf}: format version {version!r} is newer than this unetkit reads ({FORMAT_VERSION}); "
-                          "upgrade unetkit")
+        raise FormatError(
+            f"{mf}: format version {version!r} is newer than this unetkit reads ({FORMAT_VERSION}); upgrade unetkit"
+        )
     for key in REQUIRED:
         if key not in manifest:
             raise FormatError(f"{mf}: the manifest has no {key!r}")
@@ -120,10 +135,14 @@ def _check_tensors(entries: Mapping[str, Any], expected: dict[str, dict], weight
     missing = [k for k in expected if k not in entries]
     extra = [k for k in entries if k not in expected]
     if missing or extra:
-        raise KeyMapError(f"{weights}: stored tensors do not match {MANIFEST}: missing {list_some(missing) or 'none'}; "
-                          f"unexpected {list_some(extra) or 'none'}")
+        raise KeyMapError(
+            f"{weights}: stored tensors do not match {MANIFEST}: missing {list_some(missing) or 'none'}; "
+            f"unexpected {list_some(extra) or 'none'}"
+        )
     for name, want in expected.items():
         e = entries[name]
         if list(e.shape) != list(want.get("shape", [])) or e.code != want.get("dtype"):
-            raise KeyMapError(f"{weights}: tensor {name!r}: expected {want.get('dtype')} {want.get('shape')}, "
-                              f"found {e.code} {list(e.shape)}")
+            raise KeyMapError(
+                f"{weights}: tensor {name!r}: expected {want.get('dtype')} {want.get('shape')}, "
+                f"found {e.code} {list(e.shape)}"
+            )

@@ -30,7 +30,9 @@ def read_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise FormatError(f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)")
+            raise FormatError(
+                f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length)"
+            )
         (hlen,) = struct.unpack("<Q", head)
         if hlen > MAX_HEADER or 8 + hlen > size:
             raise FormatError(
@@ -177,7 +179,9 @@ def write_safetensors(
         for t in tensors:
             if t.src_file is not None:
                 last = run[-1] if run else None
-                if last is not None and (last.src_file != t.src_file or (last.src_offset or 0) + last.nbytes != t.src_offset):
+                if last is not None and (
+                    last.src_file != t.src_file or (last.src_offset or 0) + last.nbytes != t.src_offset
+                ):
                     flush_run()
                 run.append(t)
                 continue
@@ -227,8 +231,7 @@ def _copy_range(src: Path, offset: int, nbytes: int, out) -> None:
                 try:
                     # in chunks, as cp does: one multi-GB call is 2.5x slower here (ext4, measured: 3.2 s vs 1.27 s
                     # for 3.4 GB), the kernel dirtying the whole range before writeback can pace it
-                    n = os.copy_file_range(fd_in, fd_out, min(COPY_CHUNK, nbytes - done), offset + done,
-                                           pos_out + done)
+                    n = os.copy_file_range(fd_in, fd_out, min(COPY_CHUNK, nbytes - done), offset + done, pos_out + done)
                 except OSError:
                     use_kernel = False
             if not use_kernel:

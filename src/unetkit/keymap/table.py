@@ -105,7 +105,9 @@ def build_pairs(topo: Topology) -> list[Pair]:
                 pairs += _attention(f"output_blocks.{k}.1", f"up_blocks.{i}.attentions.{j}", topo.up_attention[i])
         if i < n - 1:
             slot = 2 if topo.up_attention[i] else 1
-            pairs += _module(f"output_blocks.{per * i + topo.layers_per_block}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv")
+            pairs += _module(
+                f"output_blocks.{per * i + topo.layers_per_block}.{slot}.conv", f"up_blocks.{i}.upsamplers.0.conv"
+            )
     pairs += _module(*TOP_LEVEL[3])
     pairs += _module(*TOP_LEVEL[4])
     return pairs

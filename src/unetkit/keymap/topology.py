@@ -164,8 +164,12 @@ def resnet_channels(config: Mapping[str, Any]) -> tuple[list[list[tuple[int, int
     up = []
     for i in range(n):
         out_ch, prev_out, block_in = rev[i], rev[i - 1] if i > 0 else rev[0], rev[min(i + 1, n - 1)]
-        up.append([((prev_out if j == 0 else out_ch) + (block_in if j == layers else out_ch), out_ch)
-                   for j in range(layers + 1)])
+        up.append(
+            [
+                ((prev_out if j == 0 else out_ch) + (block_in if j == layers else out_ch), out_ch)
+                for j in range(layers + 1)
+            ]
+        )
     return down, up
 
 
@@ -177,5 +181,3 @@ def _indices(names: Iterable[str], pattern: str) -> set[int]:
         if m:
             found.add(int(m.group(1)))
     return found
-
-

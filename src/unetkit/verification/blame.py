@@ -54,10 +54,15 @@ class ModuleBlame:
     def to_dict(self) -> dict[str, Any]:
         growth = self.growth_db
         return {
-            "module": self.module, "type": self.type, "block": self.block, "order": self.order, "call": self.call,
+            "module": self.module,
+            "type": self.type,
+            "block": self.block,
+            "order": self.order,
+            "call": self.call,
             "local": self.local.to_dict(),
             "propagated": self.propagated.to_dict() if self.propagated is not None else None,
-            "input_sqnr_db": _finite(self.input_sqnr_db), "growth_db": _finite(growth),
+            "input_sqnr_db": _finite(self.input_sqnr_db),
+            "growth_db": _finite(growth),
         }
 
 
@@ -81,8 +86,10 @@ class BlameResult:
         """Per top-level block: its worst local SQNR and the module that has it, in network order."""
         out: dict[str, dict[str, Any]] = {}
         for e in self.entries:
-            b = out.setdefault(e.block, {"block": e.block, "worst_local_sqnr_db": math.inf, "module": None,
-                                         "modules": 0, "differing": 0})
+            b = out.setdefault(
+                e.block,
+                {"block": e.block, "worst_local_sqnr_db": math.inf, "module": None, "modules": 0, "differing": 0},
+            )
             b["modules"] += 1
             if not e.local.identical:
                 b["differing"] += 1
@@ -104,9 +111,15 @@ class BlameResult:
             "first_divergence": first.module if first else None,
             "ranking": [e.to_dict() for e in ranking[:top]],
             "blocks": self.blocks(),
-            "layers": [{"module": e.module, "order": e.order, "local_sqnr_db": _finite(e.local.sqnr_db),
-                        "propagated_sqnr_db": _finite(e.propagated.sqnr_db) if e.propagated else None}
-                       for e in self.entries],
+            "layers": [
+                {
+                    "module": e.module,
+                    "order": e.order,
+                    "local_sqnr_db": _finite(e.local.sqnr_db),
+                    "propagated_sqnr_db": _finite(e.propagated.sqnr_db) if e.propagated else None,
+                }
+                for e in self.entries
+            ],
         }
 
 
@@ -164,10 +177,15 @@ def run_blame(reference: nn.Module, candidate: nn.Module, run_reference, run_can
             seen[name] = call + 1
             local = _local_error(candidate, name, args, kwargs, out, cand_dtype)
             # copies: the network may change a tensor in place after this hook has seen it
-            kept.append((out.detach().clone() if out is not None else None,
-                         first.detach().clone() if first is not None else None))
-            result.entries.append(ModuleBlame(name, type(module).__name__, block_of(name), len(result.entries),
-                                              call, local, None, None))
+            kept.append(
+                (
+                    out.detach().clone() if out is not None else None,
+                    first.detach().clone() if first is not None else None,
+                )
+            )
+            result.entries.append(
+                ModuleBlame(name, type(module).__name__, block_of(name), len(result.entries), call, local, None, None)
+            )
 
         return hook
 
@@ -182,9 +200,12 @@ def run_blame(reference: nn.Module, candidate: nn.Module, run_reference, run_can
             # matched call by call while both passes call the same leaves in the same order
             if not position["aligned"] or i >= len(result.entries) or result.entries[i].module != name:
                 if position["aligned"]:
-                    log.warning("blame: the candidate calls %s where the reference called %s; propagated errors "
-                                "are not compared from there on (local errors are unaffected)", name,
-                                result.entries[i].module if i < len(result.entries) else "nothing")
+                    log.warning(
+                        "blame: the candidate calls %s where the reference called %s; propagated errors "
+                        "are not compared from there on (local errors are unaffected)",
+                        name,
+                        result.entries[i].module if i < len(result.entries) else "nothing",
+                    )
                 position["aligned"] = False
                 return
             ref_out, ref_in = kept[i]
@@ -226,8 +247,9 @@ def _cast(obj: Any, dtype: torch.dtype) -> Any:
     return obj
 
 
-def _local_error(candidate: nn.Module, name: str, args: tuple, kwargs: dict, ref_out: torch.Tensor | None,
-                 dtype: torch.dtype) -> ErrorStats:
+def _local_error(
+    candidate: nn.Module, name: str, args: tuple, kwargs: dict, ref_out: torch.Tensor | None, dtype: torch.dtype
+) -> ErrorStats:
     """The candidate's module ``name`` on the reference's inputs, against the reference's output."""
     nan = ErrorStats(sqnr_db=-math.inf, cosine=0.0, rel_l2=math.inf, max_abs=math.inf, identical=False)
     try:
@@ -239,5 +261,6 @@ def _local_error(candidate: nn.Module, name: str, args: tuple, kwargs: dict, ref
     out = _first_tensor(module(*_cast(args, dtype), **_cast(kwargs, dtype)))
     if out is None or out.shape != ref_out.shape:
         return nan
-    return compare(ref_out.float() if ref_out.dtype != out.dtype else ref_out,
-                   out.float() if ref_out.dtype != out.dtype else out)
+    return compare(
+        ref_out.float() if ref_out.dtype != out.dtype else ref_out, out.float() if ref_out.dtype != out.dtype else out
+    )

@@ -36,8 +36,9 @@ def _plt():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise BackendUnavailable("the HTML report draws its plots with matplotlib: pip install matplotlib "
-                                 "(or unetkit[report])") from e
+        raise BackendUnavailable(
+            "the HTML report draws its plots with matplotlib: pip install matplotlib (or unetkit[report])"
+        ) from e
     return plt
 
 
@@ -68,8 +69,12 @@ def _sqnr_plot(report: Report) -> str | None:
     ys = [cap if r["identical"] else (r["sqnr_db"] if r["sqnr_db"] is not None else -10) for r in rows]
     ax.plot(xs, ys, "o-", label="guided noise prediction")
     if any(r["identical"] for r in rows):
-        ax.plot([x for x, r in zip(xs, rows) if r["identical"]], [cap for r in rows if r["identical"]], "g^",
-                label=f"bit-identical (drawn at {cap:.0f})")
+        ax.plot(
+            [x for x, r in zip(xs, rows) if r["identical"]],
+            [cap for r in rows if r["identical"]],
+            "g^",
+            label=f"bit-identical (drawn at {cap:.0f})",
+        )
     thr = report.settings.get("min_sqnr_db")
     if thr is not None:
         ax.axhline(thr, color="r", ls="--", label=f"--min-sqnr {thr:g} dB")
@@ -78,7 +83,7 @@ def _sqnr_plot(report: Report) -> str | None:
     ax.invert_xaxis()
     ax.set_title("SQNR per timestep (higher is better)")
     ax.legend(fontsize=8)
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -94,7 +99,7 @@ def _sampling_plot(report: Report) -> str | None:
     ax.set_xlabel("sampling step")
     ax.set_ylabel("latent SQNR (dB)")
     ax.set_title(f"latents along the {report.sampling['scheduler']} loop")
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -115,20 +120,27 @@ def _layers_plot(report: Report) -> str | None:
     if report.blame["ranking"]:
         top = report.blame["ranking"][0]
         y = top["local"]["sqnr_db"] if top["local"]["sqnr_db"] is not None else -10
-        ax.annotate(f"worst: {top['module']}", (top["order"], y), fontsize=7, xytext=(0, -30),
-                    textcoords="offset points", ha="center", arrowprops={"arrowstyle": "->", "lw": 0.6})
+        ax.annotate(
+            f"worst: {top['module']}",
+            (top["order"], y),
+            fontsize=7,
+            xytext=(0, -30),
+            textcoords="offset points",
+            ha="center",
+            arrowprops={"arrowstyle": "->", "lw": 0.6},
+        )
     # block boundaries
     last = None
     for r in layers:
         block = r["module"].split(".")[0]
         if block != last:
-            ax.axvline(r["order"], color="#ccc", lw=.5)
+            ax.axvline(r["order"], color="#ccc", lw=0.5)
             last = block
     ax.set_xlabel("leaf module, in execution order")
     ax.set_ylabel("SQNR (dB)")
     ax.set_title(f"error per layer through the network (t={report.blame['timestep']}; identical drawn at {cap:.0f})")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    ax.grid(alpha=.3)
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -142,9 +154,13 @@ def _latent_grid(report: Report) -> str | None:
     fig, axes = plt.subplots(3, c, figsize=(2 * c, 6), squeeze=False)
     lo, hi = float(ref.min()), float(ref.max())
     for i in range(c):
-        for row, (name, t, kw) in enumerate([("reference", ref, dict(vmin=lo, vmax=hi)),
-                                              ("candidate", cand, dict(vmin=lo, vmax=hi)),
-                                              ("|difference|", diff, dict(vmin=0, vmax=max(float(diff.max()), 1e-12)))]):
+        for row, (name, t, kw) in enumerate(
+            [
+                ("reference", ref, dict(vmin=lo, vmax=hi)),
+                ("candidate", cand, dict(vmin=lo, vmax=hi)),
+                ("|difference|", diff, dict(vmin=0, vmax=max(float(diff.max()), 1e-12))),
+            ]
+        ):
             ax = axes[row][i]
             ax.imshow(t[i].numpy(), cmap="gray" if row < 2 else "magma", **kw)
             ax.set_xticks([])
@@ -185,36 +201,68 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def _stats_row(d: dict) -> list[str]:
     if d.get("identical"):
         return ["identical", "1", "0", "0"]
-    return [_db(d.get("sqnr_db")), f"{d['cosine']:.6f}", f"{d['rel_l2']:.3g}" if d.get("rel_l2") is not None
-            else "-", f"{d['max_abs']:.3g}" if d.get("max_abs") is not None else "-"]
+    return [
+        _db(d.get("sqnr_db")),
+        f"{d['cosine']:.6f}",
+        f"{d['rel_l2']:.3g}" if d.get("rel_l2") is not None else "-",
+        f"{d['max_abs']:.3g}" if d.get("max_abs") is not None else "-",
+    ]
 
 
 def _section(report: Report, index: int) -> str:
     d = report.to_dict()
     s = d["summary"]
     cls = "pass" if s["passed"] else "fail"
-    out = [f"<h2 id='r{index}'>{html.escape(d['candidate']['source'])}</h2>",
-           f"<p>against <code>{html.escape(d['reference']['source'])}</code>: "
-           f"<span class='{cls}'>{html.escape(s['verdict'])}</span> — {html.escape(s['reason'])}</p>"]
+    out = [
+        f"<h2 id='r{index}'>{html.escape(d['candidate']['source'])}</h2>",
+        f"<p>against <code>{html.escape(d['reference']['source'])}</code>: "
+        f"<span class='{cls}'>{html.escape(s['verdict'])}</span> — {html.escape(s['reason'])}</p>",
+    ]
     st = d["settings"]
     out.append(_table(["setting", "value"], [[k, v] for k, v in st.items()]))
-    out.append(_table(["", "source", "variant", "dtype", "quantized", "parameters"],
-                      [[role, d[role]["source"], d[role]["variant"], d[role]["dtype"], d[role]["quantized"],
-                        f"{d[role]['parameters']:,}"] for role in ("reference", "candidate")]))
+    out.append(
+        _table(
+            ["", "source", "variant", "dtype", "quantized", "parameters"],
+            [
+                [
+                    role,
+                    d[role]["source"],
+                    d[role]["variant"],
+                    d[role]["dtype"],
+                    d[role]["quantized"],
+                    f"{d[role]['parameters']:,}",
+                ]
+                for role in ("reference", "candidate")
+            ],
+        )
+    )
     if d["exact"] is not None:
         e = d["exact"]
         ft = e["first_tensor"]
         fo = e["first_output"]
         out.append("<h3>exact mode</h3>")
-        out.append(_table(["tensors compared", "first differing tensor", "first differing output"], [[
-            e["tensors_compared"], f"{ft['name']}: {ft['reason']}" if ft else "none",
-            f"timestep {fo['timestep']} ({_db(fo['sqnr_db'])})" if fo else "none"]]))
+        out.append(
+            _table(
+                ["tensors compared", "first differing tensor", "first differing output"],
+                [
+                    [
+                        e["tensors_compared"],
+                        f"{ft['name']}: {ft['reason']}" if ft else "none",
+                        f"timestep {fo['timestep']} ({_db(fo['sqnr_db'])})" if fo else "none",
+                    ]
+                ],
+            )
+        )
     out.append("<h3>per timestep (guided noise prediction)</h3>")
     for png, alt in [(_sqnr_plot(report), "SQNR per timestep")]:
         if png:
             out.append(_img(png, alt))
-    out.append(_table(["timestep", "SQNR", "cosine", "rel L2", "max abs"],
-                      [[t["timestep"], *_stats_row(t)] for t in d["timesteps"]]))
+    out.append(
+        _table(
+            ["timestep", "SQNR", "cosine", "rel L2", "max abs"],
+            [[t["timestep"], *_stats_row(t)] for t in d["timesteps"]],
+        )
+    )
     if d["sampling"]:
         sm = d["sampling"]
         out.append(f"<h3>sampling: {sm['steps']} {html.escape(sm['scheduler'])} steps from the same noise</h3>")
@@ -230,36 +278,72 @@ def _section(report: Report, index: int) -> str:
     if d["blame"]:
         b = d["blame"]
         out.append(f"<h3>per-layer blame (t={b['timestep']})</h3>")
-        out.append(f"<p>{b['differing']} of {b['modules']} leaf modules give a different output on the reference's "
-                   f"own inputs; first divergence in the candidate's pass: "
-                   f"<code>{html.escape(str(b['first_divergence']))}</code>.</p>")
+        out.append(
+            f"<p>{b['differing']} of {b['modules']} leaf modules give a different output on the reference's "
+            f"own inputs; first divergence in the candidate's pass: "
+            f"<code>{html.escape(str(b['first_divergence']))}</code>.</p>"
+        )
         png = _layers_plot(report)
         if png:
             out.append(_img(png, "error per layer"))
-        out.append(_table(["#", "module", "type", "block", "local SQNR", "propagated SQNR", "growth"], [
-            [i + 1, r["module"], r["type"], r["block"], _db(r["local"]["sqnr_db"]),
-             _db(r["propagated"]["sqnr_db"]) if r["propagated"] else "-",
-             f"{r['growth_db']:.1f} dB" if r["growth_db"] is not None else "-"]
-            for i, r in enumerate(b["ranking"][:20])]))
-        out.append(_table(["block", "modules", "differing", "worst local SQNR", "at"], [
-            [r["block"], r["modules"], r["differing"], _db(r["worst_local_sqnr_db"]) if r["differing"] else "identical",
-             r["module"] or "-"] for r in b["blocks"]]))
+        out.append(
+            _table(
+                ["#", "module", "type", "block", "local SQNR", "propagated SQNR", "growth"],
+                [
+                    [
+                        i + 1,
+                        r["module"],
+                        r["type"],
+                        r["block"],
+                        _db(r["local"]["sqnr_db"]),
+                        _db(r["propagated"]["sqnr_db"]) if r["propagated"] else "-",
+                        f"{r['growth_db']:.1f} dB" if r["growth_db"] is not None else "-",
+                    ]
+                    for i, r in enumerate(b["ranking"][:20])
+                ],
+            )
+        )
+        out.append(
+            _table(
+                ["block", "modules", "differing", "worst local SQNR", "at"],
+                [
+                    [
+                        r["block"],
+                        r["modules"],
+                        r["differing"],
+                        _db(r["worst_local_sqnr_db"]) if r["differing"] else "identical",
+                        r["module"] or "-",
+                    ]
+                    for r in b["blocks"]
+                ],
+            )
+        )
     return "\n".join(out)
 
 
 def render_html(reports: Sequence[Report], title: str = "unetkit verify") -> str:
-    summary = _table(["candidate", "reference", "verdict", "worst SQNR", "blamed first"], [
-        [r.candidate.source, r.reference.source, r.summary["verdict"], _db(r.summary["worst_sqnr_db"])
-         if r.summary["verdict"] != "bit-identical" else "identical",
-         (r.blame or {}).get("blamed") or "-"] for r in reports])
+    summary = _table(
+        ["candidate", "reference", "verdict", "worst SQNR", "blamed first"],
+        [
+            [
+                r.candidate.source,
+                r.reference.source,
+                r.summary["verdict"],
+                _db(r.summary["worst_sqnr_db"]) if r.summary["verdict"] != "bit-identical" else "identical",
+                (r.blame or {}).get("blamed") or "-",
+            ]
+            for r in reports
+        ],
+    )
     body = "\n".join(_section(r, i) for i, r in enumerate(reports))
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{summary}\n{body}\n"
-            f"<p><small>written by unetkit; every plot is embedded in this file.</small></p></body></html>\n")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>{summary}\n{body}\n"
+        f"<p><small>written by unetkit; every plot is embedded in this file.</small></p></body></html>\n"
+    )
 
 
-def write_html(reports: Sequence[Report], path: str | Path, title: str = "unetkit verify",
-               force: bool = False) -> Path:
+def write_html(reports: Sequence[Report], path: str | Path, title: str = "unetkit verify", force: bool = False) -> Path:
     """Write one page for one or more reports (``make demo`` puts every artifact on one page)."""
     path = Path(path)
     page = render_html(reports, title)

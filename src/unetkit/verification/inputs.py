@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from unetkit import families
 from unetkit.errors import UnetkitError
 
 SCHEDULERS = ("ddim", "euler", "lcm")
@@ -70,10 +71,30 @@ class VerifyInputs:
     timestep_cond: torch.Tensor | None  # LCM guidance embedding
     guidance: float
     embeds_source: str  # "random (seed S)" or the file they came from
+    added_cond: dict[str, torch.Tensor] | None = None  # the family's extra conditioning (SDXL: text_embeds, time_ids)
+
+    def added_cond_kwargs(self, batch: int, repeat: int = 1) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"added_cond_kwargs": ...}`` for the first ``batch`` rows, repeated ``repeat`` times (CFG doubles the
+        batch); empty when the family needs none."""
+        if not self.added_cond:
+            return {}
+        return {
+            "added_cond_kwargs": {
+                k: v[:batch].repeat(repeat, *([1] * (v.dim() - 1))) for k, v in self.added_cond.items()
+            }
+        }
 
 
-def make_inputs(config: Any, *, size: int, batch: int, seed: int, scheduler: str, guidance: float,
-                prompt_embeds: str | Path | None = None) -> VerifyInputs:
+def make_inputs(
+    config: Any,
+    *,
+    size: int,
+    batch: int,
+    seed: int,
+    scheduler: str,
+    guidance: float,
+    prompt_embeds: str | Path | None = None,
+) -> VerifyInputs:
     """Seeded latents/noise/embeddings for a UNet with diffusers ``config``; ``prompt_embeds`` is an optional
     .safetensors/.pt file holding ``prompt_embeds`` (and optionally ``negative_prompt_embeds``) tensors."""
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +113,8 @@ def make_inputs(config: Any, *, size: int, batch: int, seed: int, scheduler: str
     lcm = bool(config.time_cond_proj_dim)
     timestep_cond = guidance_embedding(guidance - 1.0, config.time_cond_proj_dim, batch) if lcm else None
     use_cfg = scheduler != "lcm" and not lcm and guidance != 1.0
-    return VerifyInputs(x0, noise, extra, cond, uncond if use_cfg else None, timestep_cond, guidance, source)
+    added = families.for_config(dict(config)).added_cond_kwargs(config, batch, g)
+    return VerifyInputs(x0, noise, extra, cond, uncond if use_cfg else None, timestep_cond, guidance, source, added)
 
 
 def load_prompt_embeds(path: str | Path, batch: int, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,21 +130,26 @@ def load_prompt_embeds(path: str | Path, batch: int, dim: int) -> tuple[torch.Te
             data = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure is the user's file
+    except Exception as e:
         raise UnetkitError(f"--prompt-embeds {path}: cannot read it ({e})") from e
     if isinstance(data, torch.Tensor):
         data = {"prompt_embeds": data}
     if not isinstance(data, dict) or "prompt_embeds" not in data:
-        raise UnetkitError(f"--prompt-embeds {path}: expected a tensor named 'prompt_embeds' "
-                           f"(and optionally 'negative_prompt_embeds'); found {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        raise UnetkitError(
+            f"--prompt-embeds {path}: expected a tensor named 'prompt_embeds' "
+            f"(and optionally 'negative_prompt_embeds'); found "
+            f"{sorted(data) if isinstance(data, dict) else type(data).__name__}"
+        )
 
     def fit(name: str) -> torch.Tensor:
         t = data[name].float()
         if t.dim() == 2:
             t = t[None]
         if t.dim() != 3 or t.shape[-1] != dim:
-            raise UnetkitError(f"--prompt-embeds {path}: {name} has shape {list(data[name].shape)}; expected "
-                               f"(tokens, {dim}) or (n, tokens, {dim}) for this UNet's cross_attention_dim")
+            raise UnetkitError(
+                f"--prompt-embeds {path}: {name} has shape {list(data[name].shape)}; expected "
+                f"(tokens, {dim}) or (n, tokens, {dim}) for this UNet's cross_attention_dim"
+            )
         reps = math.ceil(batch / t.shape[0])
         return t.repeat(reps, 1, 1)[:batch].contiguous()
 

@@ -99,25 +99,31 @@ class Report:
             reason = f"worst SQNR {_fmt_db(worst)} (no threshold given)"
         if not ok and self.blame and self.blame.get("blamed"):
             reason += f"; blamed first: {self.blame['blamed']} ({self.blame['blamed_block']})"
-        self.summary = {"passed": ok, "verdict": verdict, "worst_sqnr_db": None if math.isinf(worst) else worst,
-                        "reason": reason}
+        self.summary = {
+            "passed": ok,
+            "verdict": verdict,
+            "worst_sqnr_db": None if math.isinf(worst) else worst,
+            "reason": reason,
+        }
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe({
-            "schema": SCHEMA,
-            "unetkit_version": __version__,
-            "torch_version": torch.__version__,
-            "seconds": round(self.seconds, 3),
-            "reference": asdict(self.reference),
-            "candidate": asdict(self.candidate),
-            "settings": self.settings,
-            "exact": self.exact,
-            "timesteps": self.timesteps,
-            "sampling": self.sampling,
-            "images": self.images,
-            "blame": self.blame,
-            "summary": self.summary,
-        })
+        return _json_safe(
+            {
+                "schema": SCHEMA,
+                "unetkit_version": __version__,
+                "torch_version": torch.__version__,
+                "seconds": round(self.seconds, 3),
+                "reference": asdict(self.reference),
+                "candidate": asdict(self.candidate),
+                "settings": self.settings,
+                "exact": self.exact,
+                "timesteps": self.timesteps,
+                "sampling": self.sampling,
+                "images": self.images,
+                "blame": self.blame,
+                "summary": self.summary,
+            }
+        )
 
     def write_json(self, path: str | Path, force: bool = False) -> Path:
         path = Path(path)
@@ -133,27 +139,39 @@ class Report:
     def text(self) -> str:
         """A few lines for a terminal."""
         s = self.settings
-        lines = [f"reference {self.reference.source} ({self.reference.variant}, {self.reference.dtype})",
-                 f"candidate {self.candidate.source} ({self.candidate.dtype}"
-                 f"{', quantized' if self.candidate.quantized else ''})",
-                 f"{s['timesteps']} timesteps, {s['steps']}-step {s['scheduler']} loop, {s['size']}x{s['size']} "
-                 f"latents, batch {s['batch']}, guidance {s['guidance']:g}"
-                 f"{' (CFG)' if s['cfg'] else ' (LCM embedding)' if s['lcm_guidance_embedding'] else ''}, "
-                 f"seed {s['seed']}"]
+        lines = [
+            f"reference {self.reference.source} ({self.reference.variant}, {self.reference.dtype})",
+            f"candidate {self.candidate.source} ({self.candidate.dtype}"
+            f"{', quantized' if self.candidate.quantized else ''})",
+            f"{s['timesteps']} timesteps, {s['steps']}-step {s['scheduler']} loop, {s['size']}x{s['size']} "
+            f"latents, batch {s['batch']}, guidance {s['guidance']:g}"
+            f"{' (CFG)' if s['cfg'] else ' (LCM embedding)' if s['lcm_guidance_embedding'] else ''}, "
+            f"seed {s['seed']}",
+        ]
         if self.exact is not None:
-            lines.append(f"  exact: {self.exact['tensors_compared']} tensors compared; " + (
-                "all bit-identical" if not self.exact["first_tensor"] else
-                f"first differing tensor {self.exact['first_tensor']['name']}: {self.exact['first_tensor']['reason']}"))
+            lines.append(
+                f"  exact: {self.exact['tensors_compared']} tensors compared; "
+                + (
+                    "all bit-identical"
+                    if not self.exact["first_tensor"]
+                    else f"first differing tensor {self.exact['first_tensor']['name']}: "
+                    f"{self.exact['first_tensor']['reason']}"
+                )
+            )
         for t in self.timesteps:
             lines.append(f"  t={t['timestep']:>4}: {_stats_text(t)}")
         if self.sampling:
-            lines.append(f"  final latents after {self.sampling['steps']} {self.sampling['scheduler']} steps: "
-                         f"{_stats_text(self.sampling['final'])}")
+            lines.append(
+                f"  final latents after {self.sampling['steps']} {self.sampling['scheduler']} steps: "
+                f"{_stats_text(self.sampling['final'])}"
+            )
         if self.images:
             lines.append(f"  decoded images: PSNR {_fmt_db(self.images['psnr_db'])}")
         if self.blame and self.blame["ranking"]:
-            lines.append(f"  blame (t={self.blame['timestep']}; {self.blame['differing']} of "
-                         f"{self.blame['modules']} modules differ on identical inputs), worst first:")
+            lines.append(
+                f"  blame (t={self.blame['timestep']}; {self.blame['differing']} of "
+                f"{self.blame['modules']} modules differ on identical inputs), worst first:"
+            )
             for e in self.blame["ranking"][:5]:
                 lines.append(f"    {e['module']:<60} {e['type']:<12} local SQNR {_fmt_db(e['local']['sqnr_db'])}")
         elif self.blame:
@@ -182,5 +200,6 @@ def _fmt_db(v: float | None) -> str:
 def _stats_text(d: dict[str, Any]) -> str:
     if d["identical"]:
         return "bit-identical"
-    return (f"SQNR {_fmt_db(d['sqnr_db'])}, cosine {d['cosine']:.6f}, rel L2 {d['rel_l2']:.3g}, "
-            f"max abs {d['max_abs']:.3g}")
+    return (
+        f"SQNR {_fmt_db(d['sqnr_db'])}, cosine {d['cosine']:.6f}, rel L2 {d['rel_l2']:.3g}, max abs {d['max_abs']:.3g}"
+    )

@@ -34,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from unetkit.errors import QuantError
-from unetkit.provenance import LDM_PREFIX
 from unetkit.globs import matches
+from unetkit.provenance import LDM_PREFIX
 from unetkit.quant.gguf.qtypes import qtype_by_name
 from unetkit.shapes import numel
 
@@ -62,7 +62,6 @@ RECIPES: dict[str, tuple[str, dict[str, str]]] = {
     "Q3_K_M": ("Q3_K", {"*.to_v.weight": "Q5_K", "*.ff.net.2.weight": "Q4_K"}),
     "Q2_K": ("Q2_K", {"*.to_v.weight": "Q4_K"}),
 }
-
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,9 @@ class Recipe:
         return Recipe(key, flavor, tuple(keep), tuple(pairs))
 
 
-def decide(name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None,
-           sensitive: str | None = None) -> Decision:
+def decide(
+    name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None, sensitive: str | None = None
+) -> Decision:
     """The decision for one tensor. ``is_linear``: the tensor is an nn.Linear weight (needed by the diffusers
     flavor; inferred from the shape when None: 2-D means Linear in an SD UNet). ``sensitive``: why the model
     family keeps this tensor's module at high precision (``Family.sensitive_reason``), or None."""
@@ -143,17 +143,36 @@ def fit(name: str, shape: tuple[int, ...], qtype: str, why: str, flavor: str = "
     if q.block_size == 1 or shape[-1] % q.block_size == 0:
         return Decision(name, q.name, shape, shape, why)
     if flavor == "comfy" and n % RESHAPE_ROW == 0 and RESHAPE_ROW % q.block_size == 0:
-        return Decision(name, q.name, shape, (n // RESHAPE_ROW, RESHAPE_ROW),
-                        f"{why}; stored as rows of {RESHAPE_ROW} (last dim {shape[-1]} does not fit the "
-                        f"{q.block_size}-block), real shape in comfy.gguf.orig_shape")
-    return Decision(name, "F16", shape, shape,
-                    f"requested {q.name}, but the last dim {shape[-1]} is not a multiple of its block size "
-                    f"{q.block_size}" + (" and the size is not a multiple of 256" if flavor == "comfy" else
-                                         f" and the {flavor} flavor needs exact shapes") + ": kept in F16")
+        return Decision(
+            name,
+            q.name,
+            shape,
+            (n // RESHAPE_ROW, RESHAPE_ROW),
+            f"{why}; stored as rows of {RESHAPE_ROW} (last dim {shape[-1]} does not fit the "
+            f"{q.block_size}-block), real shape in comfy.gguf.orig_shape",
+        )
+    return Decision(
+        name,
+        "F16",
+        shape,
+        shape,
+        f"requested {q.name}, but the last dim {shape[-1]} is not a multiple of its block size "
+        f"{q.block_size}"
+        + (
+            " and the size is not a multiple of 256"
+            if flavor == "comfy"
+            else f" and the {flavor} flavor needs exact shapes"
+        )
+        + ": kept in F16",
+    )
 
 
-def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe, linear_names: set[str] | None = None,
-         sensitive: Mapping[str, str] | None = None) -> list[Decision]:
+def plan(
+    tensors: Sequence[tuple[str, Sequence[int]]],
+    recipe: Recipe,
+    linear_names: set[str] | None = None,
+    sensitive: Mapping[str, str] | None = None,
+) -> list[Decision]:
     """Decisions for every (LDM name, shape), in order; checks the flavor's name limits. ``sensitive`` maps the
     LDM names of the tensors the model family keeps at high precision to the reason."""
     out = []
@@ -163,6 +182,9 @@ def plan(tensors: Sequence[tuple[str, Sequence[int]]], recipe: Recipe, linear_na
                 f"tensor name '{LDM_PREFIX}{name}' is longer than {SDCPP_MAX_NAME} bytes, the most "
                 "stable-diffusion.cpp's ggml build holds; use --flavor comfy (names without prefix)"
             )
-        out.append(decide(name, shape, recipe, None if linear_names is None else name in linear_names,
-                          (sensitive or {}).get(name)))
+        out.append(
+            decide(
+                name, shape, recipe, None if linear_names is None else name in linear_names, (sensitive or {}).get(name)
+            )
+        )
     return out

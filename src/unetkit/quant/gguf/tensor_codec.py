@@ -174,8 +174,14 @@ def dequantize(
         return _dequantize(data, qtype, shape, dtype, name, out)
 
 
-def _dequantize(data: Any, qtype: QType | str | int, shape: Any, dtype: torch.dtype, name: str | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+def _dequantize(
+    data: Any,
+    qtype: QType | str | int,
+    shape: Any,
+    dtype: torch.dtype,
+    name: str | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     q = as_qtype(qtype)
     codec = get_codec(q)
     shape = tuple(int(s) for s in shape)
@@ -196,8 +202,10 @@ def _dequantize(data: Any, qtype: QType | str | int, shape: Any, dtype: torch.dt
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=raw.device)
     elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device != raw.device:
-        raise QuantError(f"dequantize {_label(name)}: out must be a contiguous {dtype} tensor of shape {shape} on "
-                         f"{raw.device}; got {out.dtype} {tuple(out.shape)} on {out.device}")
+        raise QuantError(
+            f"dequantize {_label(name)}: out must be a contiguous {dtype} tensor of shape {shape} on "
+            f"{raw.device}; got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
     if n_blocks == 0:
         return out
     src = raw.reshape(n_blocks, q.type_size)

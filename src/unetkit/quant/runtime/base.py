@@ -70,8 +70,15 @@ class ModuleDecision:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModuleDecision:
-        return cls(name=d["name"], kind=d["kind"], params=int(d["params"]), quantized_params=int(d["quantized_params"]),
-                   quantized=bool(d["quantized"]), reason=str(d["reason"]), shape=tuple(d.get("shape", ())))
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            params=int(d["params"]),
+            quantized_params=int(d["quantized_params"]),
+            quantized=bool(d["quantized"]),
+            reason=str(d["reason"]),
+            shape=tuple(d.get("shape", ())),
+        )
 
 
 @dataclass
@@ -90,8 +97,9 @@ class QuantReport:
         """Per module kind: modules quantized/kept and parameters quantized/kept (biases count as kept)."""
         table: dict[str, dict[str, int]] = {}
         for d in self.decisions:
-            row = table.setdefault(d.kind, {"modules_quantized": 0, "modules_kept": 0, "params_quantized": 0,
-                                            "params_kept": 0})
+            row = table.setdefault(
+                d.kind, {"modules_quantized": 0, "modules_kept": 0, "params_quantized": 0, "params_kept": 0}
+            )
             row["modules_quantized" if d.quantized else "modules_kept"] += 1
             row["params_quantized"] += d.quantized_params
             row["params_kept"] += d.params - d.quantized_params
@@ -130,9 +138,15 @@ class QuantReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantReport:
-        return cls(method=d["method"], backend=d["backend"], versions=dict(d.get("versions", {})),
-                   decisions=[ModuleDecision.from_dict(x) for x in d["decisions"]], include=d.get("include"),
-                   exclude=d.get("exclude"), notes=list(d.get("notes", [])))
+        return cls(
+            method=d["method"],
+            backend=d["backend"],
+            versions=dict(d.get("versions", {})),
+            decisions=[ModuleDecision.from_dict(x) for x in d["decisions"]],
+            include=d.get("include"),
+            exclude=d.get("exclude"),
+            notes=list(d.get("notes", [])),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------- policy
@@ -149,8 +163,9 @@ def is_quantizable(module: nn.Module) -> bool:
     return type(module) in (nn.Linear, nn.Conv2d)
 
 
-def select(name: str, include: Sequence[str] | None, exclude: Sequence[str] | None,
-           family: Family | None = None) -> tuple[bool, str]:
+def select(
+    name: str, include: Sequence[str] | None, exclude: Sequence[str] | None, family: Family | None = None
+) -> tuple[bool, str]:
     """(quantize?, reason) for a Linear/Conv2d module named ``name`` of a UNet of ``family``; see the module
     docstring for precedence."""
     for glob in exclude or ():
@@ -227,8 +242,15 @@ class RuntimeBackend(Protocol):
 
     def export(self, unet: nn.Module, decisions: list[ModuleDecision]) -> tuple[dict[str, torch.Tensor], dict]: ...
 
-    def rebuild(self, model: nn.Module, scheme: str, decisions: list[ModuleDecision], tensors: dict[str, torch.Tensor],
-                state: dict, where: str) -> None: ...
+    def rebuild(
+        self,
+        model: nn.Module,
+        scheme: str,
+        decisions: list[ModuleDecision],
+        tensors: dict[str, torch.Tensor],
+        state: dict,
+        where: str,
+    ) -> None: ...
 
     def versions(self) -> dict[str, str]: ...
 
@@ -291,8 +313,7 @@ def parse_method(method: str, *, stored: bool = False) -> tuple[RuntimeBackend, 
 
 
 def _hint() -> str:
-    return (f"known runtime methods: {', '.join(known_methods())}; GGUF files: gguf:<recipe> "
-            "(e.g. gguf:Q4_K_M)")
+    return f"known runtime methods: {', '.join(known_methods())}; GGUF files: gguf:<recipe> (e.g. gguf:Q4_K_M)"
 
 
 def require(module: str, backend_name: str) -> Any:

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetkit.quant.gguf import dequantize
-from unetkit.shapes import numel
 from unetkit.quant.runtime.base import Candidate, ModuleDecision
-
+from unetkit.shapes import numel
 
 _tls = threading.local()
 
@@ -42,8 +41,14 @@ def release_buffers(*_: object) -> None:
 class GGUFWeight(nn.Module):
     """Shared part: the packed bytes, the qtype and the shapes."""
 
-    def __init__(self, packed: torch.Tensor, qtype: str, shape: tuple[int, ...], stored_shape: tuple[int, ...],
-                 bias: torch.Tensor | None):
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        qtype: str,
+        shape: tuple[int, ...],
+        stored_shape: tuple[int, ...],
+        bias: torch.Tensor | None,
+    ):
         super().__init__()
         self.packed: torch.Tensor
         self.register_buffer("packed", packed, persistent=False)
@@ -85,8 +90,9 @@ class GGUFConv2d(GGUFWeight):
         return F.conv2d(x, self.weight_as(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def swap_module(model: nn.Module, module_name: str, packed: torch.Tensor, qtype: str, shape, stored_shape,
-                bias: torch.Tensor | None) -> nn.Module:
+def swap_module(
+    model: nn.Module, module_name: str, packed: torch.Tensor, qtype: str, shape, stored_shape, bias: torch.Tensor | None
+) -> nn.Module:
     """Replace ``model.<module_name>`` (an nn.Linear or nn.Conv2d, possibly on meta) by its GGUF twin."""
     parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -101,8 +107,15 @@ def swap_module(model: nn.Module, module_name: str, packed: torch.Tensor, qtype:
     return new
 
 
-def _attach(model: nn.Module, module_name: str, packed: torch.Tensor, qtype: str, shape: tuple[int, ...],
-            stored_shape: tuple[int, ...], bias: torch.Tensor | None) -> None:
+def _attach(
+    model: nn.Module,
+    module_name: str,
+    packed: torch.Tensor,
+    qtype: str,
+    shape: tuple[int, ...],
+    stored_shape: tuple[int, ...],
+    bias: torch.Tensor | None,
+) -> None:
     swap_module(model, module_name, packed, qtype, shape, stored_shape, bias)
     if not getattr(model, "_unetkit_gguf_hook", False):
         model.register_forward_hook(release_buffers)  # the per-layer decode buffer does not outlive a forward
@@ -122,8 +135,11 @@ class GGUFBackend:
     def schemes(self) -> dict[str, str]:
         from unetkit.quant.gguf.qtypes import QTYPES
 
-        return {q.name: f"GGUF {q.name} blocks ({q.bits_per_weight:g} bits per weight), decoded in forward"
-                for q in QTYPES if not q.is_float}
+        return {
+            q.name: f"GGUF {q.name} blocks ({q.bits_per_weight:g} bits per weight), decoded in forward"
+            for q in QTYPES
+            if not q.is_float
+        }
 
     def describe(self) -> str:
         return "gguf on the fly: " + ", ".join(self.schemes)
@@ -137,8 +153,16 @@ class GGUFBackend:
 
             raise QuantError(f"unknown GGUF block type {scheme!r}; known: {', '.join(self.schemes)}")
 
-    def attach(self, model: nn.Module, module_name: str, packed: torch.Tensor, qtype: str, shape: tuple[int, ...],
-               stored_shape: tuple[int, ...], bias: torch.Tensor | None) -> None:
+    def attach(
+        self,
+        model: nn.Module,
+        module_name: str,
+        packed: torch.Tensor,
+        qtype: str,
+        shape: tuple[int, ...],
+        stored_shape: tuple[int, ...],
+        bias: torch.Tensor | None,
+    ) -> None:
         """Replace ``model.<module_name>`` (Linear or Conv2d, possibly on meta) by its on-the-fly twin."""
         _attach(model, module_name, packed, qtype, tuple(shape), tuple(stored_shape), bias)
 
@@ -161,8 +185,7 @@ class GGUFBackend:
             packed = quantize(w.float().reshape(dec.stored_shape), scheme, name=c.name + ".weight")
             bias = module.bias.detach() if module.bias is not None else None
             decision = c.decision(True, ((c.reason + "; ") if c.reason else "") + dec.reason)
-            _attach(unet, c.name, packed.reshape(-1, packed.shape[-1]), scheme, tuple(w.shape), dec.stored_shape,
-                    bias)
+            _attach(unet, c.name, packed.reshape(-1, packed.shape[-1]), scheme, tuple(w.shape), dec.stored_shape, bias)
             decisions.append(decision)
         return decisions
 
@@ -172,34 +195,54 @@ class GGUFBackend:
         for name, module in unet.named_modules():
             if isinstance(module, GGUFWeight):
                 tensors[name + ".weight"] = module.packed.contiguous()
-                state[name] = {"qtype": module.qtype, "shape": list(module.shape),
-                               "stored_shape": list(module.stored_shape)}
+                state[name] = {
+                    "qtype": module.qtype,
+                    "shape": list(module.shape),
+                    "stored_shape": list(module.stored_shape),
+                }
         expected = {d.name for d in decisions if d.quantized}
         if set(state) != expected:  # a bug, not a user error
             raise RuntimeError(f"GGUF modules {sorted(set(state) ^ expected)[:5]} disagree with the decisions")
         return tensors, {"modules": state}
 
-    def rebuild(self, model: nn.Module, scheme: str, decisions: list[ModuleDecision], tensors: dict[str, torch.Tensor],
-                state: dict, where: str) -> None:
+    def rebuild(
+        self,
+        model: nn.Module,
+        scheme: str,
+        decisions: list[ModuleDecision],
+        tensors: dict[str, torch.Tensor],
+        state: dict,
+        where: str,
+    ) -> None:
         from unetkit.errors import FormatError, KeyMapError, list_some
         from unetkit.quant.gguf.qtypes import n_bytes
 
         modules: dict[str, dict] = dict(state.get("modules", {}))
         expected = {d.name for d in decisions if d.quantized}
         if set(modules) != expected:
-            raise FormatError(f"{where}: backend_state.modules disagrees with the quantized modules: "
-                              f"{list_some(sorted(set(modules) ^ expected))}")
+            raise FormatError(
+                f"{where}: backend_state.modules disagrees with the quantized modules: "
+                f"{list_some(sorted(set(modules) ^ expected))}"
+            )
         tensors = dict(tensors)
         for name, info in modules.items():
             packed = tensors.pop(name + ".weight", None)
             want = n_bytes(info["qtype"], info["stored_shape"])
             if packed is None or packed.dtype != torch.uint8 or packed.numel() != want:
                 raise KeyMapError(f"{where}: tensor {name}.weight: expected {want} bytes of {info['qtype']} blocks")
-            self.attach(model, name, packed, info["qtype"], tuple(info["shape"]), tuple(info["stored_shape"]),
-                        tensors.pop(name + ".bias", None))
+            self.attach(
+                model,
+                name,
+                packed,
+                info["qtype"],
+                tuple(info["shape"]),
+                tuple(info["stored_shape"]),
+                tensors.pop(name + ".bias", None),
+            )
         result = model.load_state_dict(tensors, strict=False, assign=True)
         attached = {f"{m}.{leaf}" for m in modules for leaf in ("weight", "bias")}
         missing = [k for k in result.missing_keys if k not in attached]
         if missing or result.unexpected_keys:
-            raise KeyMapError(f"{where}: missing tensors {list_some(missing)}; "
-                              f"unexpected tensors {list_some(result.unexpected_keys)}")
+            raise KeyMapError(
+                f"{where}: missing tensors {list_some(missing)}; unexpected tensors {list_some(result.unexpected_keys)}"
+            )

@@ -61,8 +61,9 @@ class QuantoBackend:
                 continue
             new = unet.get_submodule(c.name)
             ok = new is not modules[c.name] and isinstance(getattr(new, "weight", None), q.QTensor)
-            reason = (c.reason + "; " if c.reason else "") + (f"quanto {type(new).__name__}" if ok else
-                                                             "quanto has no quantized module for it")
+            reason = (c.reason + "; " if c.reason else "") + (
+                f"quanto {type(new).__name__}" if ok else "quanto has no quantized module for it"
+            )
             group = getattr(new, "weight_group_size", None)
             if ok and scheme in ("qint4", "qint2"):
                 reason += f", groups of {group}" if group else ", per output channel (no group size fits)"
@@ -79,14 +80,23 @@ class QuantoBackend:
             tensors[k] = v.contiguous()
         return tensors, {"quantization_map": q.quantization_map(unet)}
 
-    def rebuild(self, model: nn.Module, scheme: str, decisions: list[ModuleDecision], tensors: dict[str, torch.Tensor],
-                state: dict, where: str) -> None:
+    def rebuild(
+        self,
+        model: nn.Module,
+        scheme: str,
+        decisions: list[ModuleDecision],
+        tensors: dict[str, torch.Tensor],
+        state: dict,
+        where: str,
+    ) -> None:
         q = _quanto()
         qmap = dict(state.get("quantization_map", {}))
         expected = {d.name for d in decisions if d.quantized}
         if set(qmap) != expected:
-            raise KeyMapError(f"{where}: quantization_map disagrees with the quantized modules: "
-                              f"{list_some(sorted(set(qmap) ^ expected))}")
+            raise KeyMapError(
+                f"{where}: quantization_map disagrees with the quantized modules: "
+                f"{list_some(sorted(set(qmap) ^ expected))}"
+            )
         q.requantize(model, tensors, qmap, device=torch.device("cpu"))
         # requantize loads with strict=False: check every tensor landed, and nothing is left uninitialised
         have = model.state_dict()
@@ -94,6 +104,7 @@ class QuantoBackend:
         unexpected = [k for k in tensors if k not in have]
         shapes = [k for k in tensors if k in have and tuple(have[k].shape) != tuple(tensors[k].shape)]
         if missing or unexpected or shapes:
-            raise KeyMapError(f"{where}: missing tensors {list_some(missing)}; unexpected {list_some(unexpected)}; "
-                              f"mis-shaped {list_some(shapes)}")
-
+            raise KeyMapError(
+                f"{where}: missing tensors {list_some(missing)}; unexpected {list_some(unexpected)}; "
+                f"mis-shaped {list_some(shapes)}"
+            )

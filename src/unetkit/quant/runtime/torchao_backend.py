@@ -57,8 +57,9 @@ def _config(scheme: str) -> Any:
     if scheme == "float8-weight-only":
         return q.Float8WeightOnlyConfig(set_inductor_config=False)
     if scheme == "int4-weight-only":
-        return q.Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
-                                      set_inductor_config=False)
+        return q.Int4WeightOnlyConfig(
+            group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d", set_inductor_config=False
+        )
     raise KeyError(scheme)
 
 
@@ -89,8 +90,7 @@ class TorchAOConv2d(nn.Module):
     @property
     def as_linear(self) -> bool:
         """True when the convolution is exactly a matrix product over channels."""
-        return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
-                and self.groups == 1)
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -104,8 +104,10 @@ class TorchAOConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         kind = type(self.weight).__name__ if self.weight is not None else "unset"
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, weight={kind}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, weight={kind}"
+        )
 
 
 def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -130,8 +132,10 @@ class TorchAOBackend:
         if scheme == "int4-weight-only":
             # torchao 0.18's int4 weight-only formats: 'plain'/'preshuffled' need the mslk package (CUDA kernels),
             # 'plain_int32' supports no CPU, 'tile_packed_to_4d' (tinygemm) needs CUDA sm80+ and bf16 weights.
-            why = ("torchao:int4-weight-only needs a CUDA GPU (compute capability 8.0+, tinygemm kernel) with the "
-                   "UNet in bf16; torchao 0.18 has no CPU int4 weight format")
+            why = (
+                "torchao:int4-weight-only needs a CUDA GPU (compute capability 8.0+, tinygemm kernel) with the "
+                "UNet in bf16; torchao 0.18 has no CPU int4 weight format"
+            )
             alt = "on CPU use quanto:qint4 (4-bit weights, groups of up to 128) or a GGUF file (gguf:Q4_K_M)"
             if not torch.cuda.is_available():
                 raise BackendUnavailable(f"{why}; this machine has no CUDA device; {alt}")
@@ -140,8 +144,10 @@ class TorchAOBackend:
                 raise BackendUnavailable(f"{why}; this GPU is sm{major}{minor}; {alt}")
             p = next(unet.parameters(), None) if unet is not None else None
             if p is not None and (p.device.type != "cuda" or p.dtype != torch.bfloat16):
-                raise BackendUnavailable(f"{why}; the UNet is {p.dtype} on {p.device}: "
-                                         "load it with load_unet(path, dtype='bf16', device='cuda') first")
+                raise BackendUnavailable(
+                    f"{why}; the UNet is {p.dtype} on {p.device}: "
+                    "load it with load_unet(path, dtype='bf16', device='cuda') first"
+                )
 
     # ------------------------------------------------------------------------------------------------------ apply
 
@@ -193,8 +199,15 @@ class TorchAOBackend:
             raise RuntimeError(f"flattened torchao names collide with state-dict names: {sorted(overlap)[:5]}")
         return {**plain, **{k: v.contiguous() for k, v in data.items()}}, {"tensor_subclasses": meta}
 
-    def rebuild(self, model: nn.Module, scheme: str, decisions: list[ModuleDecision], tensors: dict[str, torch.Tensor],
-                state: dict, where: str) -> None:
+    def rebuild(
+        self,
+        model: nn.Module,
+        scheme: str,
+        decisions: list[ModuleDecision],
+        tensors: dict[str, torch.Tensor],
+        state: dict,
+        where: str,
+    ) -> None:
         """Fill ``model`` (built on meta from config.json) with the stored tensors; nothing is re-quantized."""
         _import_torchao()
         st = _safetensors_helpers()
@@ -202,8 +215,10 @@ class TorchAOBackend:
         quantized = [d for d in decisions if d.quantized]
         names = [d.name + ".weight" for d in quantized]
         if set(subclasses) != set(names):
-            raise FormatError(f"{where}: backend_state.tensor_subclasses does not match the quantized modules: "
-                              f"{list_some(sorted(set(subclasses) ^ set(names)))}")
+            raise FormatError(
+                f"{where}: backend_state.tensor_subclasses does not match the quantized modules: "
+                f"{list_some(sorted(set(subclasses) ^ set(names)))}"
+            )
         flat: dict[str, torch.Tensor] = {}
         for n in names:
             module_name, _, leaf = n.rpartition(".")
@@ -215,8 +230,9 @@ class TorchAOBackend:
             raise FormatError(f"{where}: torchao could not rebuild its tensors: {e}") from e
         missing = [n for n in names if n not in rebuilt]
         if missing or left:
-            raise KeyMapError(f"{where}: torchao tensors incomplete: missing {list_some(missing)}; "
-                              f"unused {list_some(sorted(left))}")
+            raise KeyMapError(
+                f"{where}: torchao tensors incomplete: missing {list_some(missing)}; unused {list_some(sorted(left))}"
+            )
         for d, n in zip(quantized, names):
             module: Any = model.get_submodule(d.name)
             w = rebuilt[n]
@@ -228,14 +244,16 @@ class TorchAOBackend:
                 _set_child(model, d.name, new)
                 module = new
             elif tuple(w.shape) != tuple(module.weight.shape):
-                raise KeyMapError(f"{where}: tensor {n!r}: expected shape {list(module.weight.shape)}, "
-                                  f"got {list(w.shape)}")
+                raise KeyMapError(
+                    f"{where}: tensor {n!r}: expected shape {list(module.weight.shape)}, got {list(w.shape)}"
+                )
             module.weight = nn.Parameter(w, requires_grad=False)
         result = model.load_state_dict(tensors, strict=False, assign=True)
         missing = [k for k in result.missing_keys if k not in set(names)]
         if missing or result.unexpected_keys:
-            raise KeyMapError(f"{where}: missing tensors {list_some(missing)}; "
-                              f"unexpected tensors {list_some(result.unexpected_keys)}")
+            raise KeyMapError(
+                f"{where}: missing tensors {list_some(missing)}; unexpected tensors {list_some(result.unexpected_keys)}"
+            )
 
 
 def _safetensors_helpers() -> Any:
@@ -254,7 +272,8 @@ def _reason(scheme: str, kind: str, ok: bool, path: str, policy_reason: str) -> 
     if path == "linear":
         return head + "1x1 conv run as torchao linear over channels"
     if scheme == "int8-dynamic":
-        return head + ("torchao int8 weight, dequantized for F.conv2d: activations stay float (torchao has no "
-                       "quantized convolution kernel)")
+        return head + (
+            "torchao int8 weight, dequantized for F.conv2d: activations stay float (torchao has no "
+            "quantized convolution kernel)"
+        )
     return head + "torchao weight, dequantized for F.conv2d (weight-only)"
-

@@ -30,7 +30,6 @@ page faults).
 from __future__ import annotations
 
 import functools
-import math
 import threading
 from typing import ClassVar
 

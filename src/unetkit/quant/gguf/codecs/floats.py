@@ -83,11 +83,32 @@ def _bf16_bits_ggml(x: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _torch_bf16_is_ggml(device: torch.device) -> bool:
     """Does torch's float32->bfloat16 cast round like ggml (RNE, subnormals kept) for every non-NaN value here?"""
-    vals = [0.0, -0.0, 1.0, -1.0, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1.0 + 2.0**-8 + 2.0**-20, 3.3895314e38,
-            3.4028235e38, float("inf"), float("-inf"), 1e-39, -1e-39, 1.1754942e-38, 1.17549435e-38, 1e-45, 3e-41]
+    vals = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1.0 + 2.0**-8,
+        1.0 + 3 * 2.0**-8,
+        1.0 + 2.0**-8 + 2.0**-20,
+        3.3895314e38,
+        3.4028235e38,
+        float("inf"),
+        float("-inf"),
+        1e-39,
+        -1e-39,
+        1.1754942e-38,
+        1.17549435e-38,
+        1e-45,
+        3e-41,
+    ]
     g = torch.Generator().manual_seed(5)
-    x = torch.cat([torch.tensor(vals, dtype=torch.float32),
-                   torch.randn(4096, generator=g) * torch.exp(torch.randn(4096, generator=g) * 20)]).to(device)
+    x = torch.cat(
+        [
+            torch.tensor(vals, dtype=torch.float32),
+            torch.randn(4096, generator=g) * torch.exp(torch.randn(4096, generator=g) * 20),
+        ]
+    ).to(device)
     mine = _bf16_bits_ggml(x).to(torch.int16)
     theirs = x.to(torch.bfloat16).view(torch.int16)
     return torch.equal(mine, theirs)

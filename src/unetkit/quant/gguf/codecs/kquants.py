@@ -24,8 +24,8 @@ import torch
 from unetkit.quant.gguf.codecs import fused
 from unetkit.quant.gguf.codecs.base import (
     Codec,
-    fconst,
     col_absmax,
+    fconst,
     first_absmax,
     fp16_bytes,
     fp16_from_bytes,
@@ -39,8 +39,16 @@ from unetkit.quant.gguf.codecs.base import (
 )
 from unetkit.quant.gguf.qtypes import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
-__all__ = ["Q2_KCodec", "Q3_KCodec", "Q4_KCodec", "Q5_KCodec", "Q6_KCodec", "make_qkx2_quants",
-           "make_qx_quants", "make_q3_quants"]
+__all__ = [
+    "Q2_KCodec",
+    "Q3_KCodec",
+    "Q4_KCodec",
+    "Q5_KCodec",
+    "Q6_KCodec",
+    "make_qkx2_quants",
+    "make_qx_quants",
+    "make_q3_quants",
+]
 
 GROUP_MAX_EPS = 1e-15
 _ROUND_SAFE = 2.0**21  # |v| below this: nearest_int(v) == round-half-even(v), done in float
@@ -81,8 +89,16 @@ class SearchQuants:
     ``L = clamp(nearest_int(iscale * (x - min)), lo, hi) + offset`` per column, or 0 where ``zero`` is set.
     """
 
-    def __init__(self, x: torch.Tensor, iscale: torch.Tensor, minimum: torch.Tensor | None, lo: int, hi: int,
-                 offset: int, zero: torch.Tensor):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        iscale: torch.Tensor,
+        minimum: torch.Tensor | None,
+        lo: int,
+        hi: int,
+        offset: int,
+        zero: torch.Tensor,
+    ):
         self.x, self.iscale, self.minimum = x, iscale, minimum
         self.lo, self.hi, self.offset, self.zero = lo, hi, offset, zero
 
@@ -94,8 +110,9 @@ class SearchQuants:
         return torch.where(self.zero[cols], 0, L).t()
 
 
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
-                     use_mad: bool) -> tuple[torch.Tensor, torch.Tensor, SearchQuants]:
+def make_qkx2_quants(
+    x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[torch.Tensor, torch.Tensor, SearchQuants]:
     """ggml ``make_qkx2_quants`` on every column of ``x`` (n, S) with weights ``w`` (n, S).
 
     Returns ``(scale, the_min, quants)``: (S,), (S,) float32 and the recipe of the (n, S) quants in ``[0, nmax]``.
@@ -274,8 +291,9 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
     return scale, Lq
 
 
-def _q3_pass(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor, sums: torch.Tensor,
-             nmax: int) -> torch.Tensor:
+def _q3_pass(
+    x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor, L: torch.Tensor, sums: torch.Tensor, nmax: int
+) -> torch.Tensor:
     """One pass of make_q3_quants's coordinate descent over the n positions; updates ``L`` and ``sums`` in place
     and returns which columns changed."""
     n, S = x.shape
@@ -481,8 +499,9 @@ class Q3_KCodec(Codec):
         lo = l & 0xF
         hi = l >> 4
         sbytes = torch.cat(
-            [lo[:, :8] | (lo[:, 8:] << 4),
-             hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)], dim=1).to(torch.uint8)
+            [lo[:, :8] | (lo[:, 8:] << 4), hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)],
+            dim=1,
+        ).to(torch.uint8)
         d16 = fp16_bytes(torch.where(nz, fconst(1.0, x) / iscale, zero))
         sc = torch.where(nz[:, None], l - 32, -32)  # decoded from the bytes (all-zero bytes decode to -32)
         d = fp16_from_bytes(d16)[:, None] * sc.to(torch.float32)
@@ -652,8 +671,9 @@ class Q6_KCodec(Codec):
         xs = x.view(nb, 16, 16)
         Lr = nearest_int(xs / d.unsqueeze(-1)).clamp_(-32, 31) + 32
         L = _keep_search_quants(Lr, d, Ls).reshape(nb, 2, 4, 32)
-        ql = torch.cat([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4),
-                        (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], dim=2).reshape(nb, 128)
+        ql = torch.cat(
+            [(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], dim=2
+        ).reshape(nb, 128)
         hi = L >> 4
         qh = (hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)).reshape(nb, 64)
         out = _cat([ql.to(torch.uint8), qh.to(torch.uint8), (sc & 0xFF).to(torch.uint8), d16], out)

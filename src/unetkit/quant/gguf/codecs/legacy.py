@@ -92,8 +92,9 @@ def _first_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mn, mx
 
 
-def _quants(x: torch.Tensor, mn: torch.Tensor | None, inv: torch.Tensor, offset: float, qmax: int | None,
-            fast: bool) -> torch.Tensor:
+def _quants(
+    x: torch.Tensor, mn: torch.Tensor | None, inv: torch.Tensor, offset: float, qmax: int | None, fast: bool
+) -> torch.Tensor:
     """``MIN(qmax, (int8_t)((x - mn)*inv + offset))`` (``qmax=None``: no MIN) stored as bytes: (n, 32) int8.
 
     On the fast path every value lies in [0, qmax + 1.5), so float->int8 conversion is the C truncation.
