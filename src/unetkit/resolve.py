@@ -6,7 +6,6 @@ This is the one place where formats (bytes), the key map (names) and the spec (c
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 from unetkit import families, formats
 from unetkit.errors import KeyMapError, ModelDetectionError, UnetkitError, list_some
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.formats.validate import load_json, read_json_file
 from unetkit.keymap import KeyMap, Topology
 from unetkit.keymap.prefixes import EMA_PREFIX, dotless, split_keys
 from unetkit.provenance import CONFIG
@@ -102,11 +102,11 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
             shapes[d] = ckpt.entries[raw].shape
     source = "inferred"
     config = None
-    for candidate, label in (
-        (user_config, "user"),
-        (_metadata_config(ckpt), "file metadata"),
-        (ckpt.config, "config.json"),
-    ):
+    stored = _metadata_config(ckpt)
+    folder = _checked_config(ckpt.config, f"{ckpt.path}: config.json") if ckpt.config is not None else None
+    if stored is not None and folder is not None and user_config is None:
+        _check_agree(stored, folder, ckpt)
+    for candidate, label in ((user_config, "user"), (stored, "file metadata"), (folder, "config.json")):
         if candidate is not None:
             config, source = clean_config(candidate), label
             break
@@ -178,22 +178,52 @@ def _metadata_config(ckpt: Checkpoint) -> dict[str, Any] | None:
     raw = ckpt.metadata.get(CONFIG)
     if not raw:
         return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise ModelDetectionError(f"metadata {CONFIG} is not valid JSON ({e})") from e
+    where = f"{ckpt.path}: metadata {CONFIG}"
+    return _checked_config(load_json(raw, where, what="the stored config"), where)
 
 
 def _load_config(config: Mapping[str, Any] | str | Path | None) -> dict[str, Any] | None:
-    if config is None or isinstance(config, Mapping):
-        return dict(config) if config is not None else None
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return _checked_config(dict(config), "the given config")
     p = Path(config)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelDetectionError(f"{p}: cannot read the given config ({e})") from e
+    return _checked_config(read_json_file(p, "the given config (--config)", expect=None), str(p))
+
+
+def _checked_config(config: Any, where: str) -> dict[str, Any]:
+    """A diffusers UNet config as far as unetkit reads it: an object whose block_out_channels are positive ints."""
+    if not isinstance(config, dict):
+        raise ModelDetectionError(f"{where}: a UNet config must be a JSON object, found {type(config).__name__}")
+    channels = config.get("block_out_channels")
+    if (
+        not isinstance(channels, list)
+        or not channels
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
+    ):
+        raise ModelDetectionError(
+            f"{where}: block_out_channels must be a list of positive integers, found "
+            f"{channels!r}; is this a diffusers UNet config?"
+        )
+    return config
+
+
+def _check_agree(stored: dict[str, Any], folder: dict[str, Any], ckpt: Checkpoint) -> None:
+    """A folder's config.json and the config unetkit stored in its weights must agree on every key both have: an
+    edit of config.json that the metadata would silently override builds a different model than diffusers does."""
+    a, b = clean_config(stored), clean_config(folder)
+    differ = [
+        f"{k}: config.json has {b[k]!r}, the weights' metadata {a[k]!r}"
+        for k in sorted(a.keys() & b.keys())
+        if a[k] != b[k]
+    ]
+    if differ:
+        raise ModelDetectionError(
+            f"{ckpt.path}: config.json disagrees with the config recorded in the weights ({CONFIG}): "
+            f"{list_some(differ, 5)}. Restore config.json, or pass the config you mean with --config"
+        )
 
 
 __all__ = ["EMA_PREFIX", "UNetSource", "open_unet"]

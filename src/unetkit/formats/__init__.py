@@ -6,6 +6,7 @@ from pathlib import Path
 
 from unetkit.errors import FormatError
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.formats.validate import regular_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -17,6 +18,7 @@ def sniff(path: Path) -> str:
         return "diffusers-folder"
     if not path.exists():
         raise FormatError(f"{path}: no such file or folder")
+    regular_file(path, "input")
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"GGUF":

@@ -5,12 +5,12 @@ Weights are looked for in this order: ``diffusion_pytorch_model.safetensors``, `
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from unetkit.errors import FormatError
+from unetkit.errors import FormatError, list_some
 from unetkit.formats.base import Checkpoint
 from unetkit.formats.safetensors_io import read_safetensors
+from unetkit.formats.validate import confined, read_json_file
 
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
@@ -40,18 +40,22 @@ def unet_folder(path: Path) -> Path:
 def read_diffusers_folder(path: Path) -> Checkpoint:
     path = Path(path)
     folder = unet_folder(path)
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{folder / 'config.json'}: unreadable config ({e})") from e
+    config = read_json_file(folder / "config.json", "the diffusers config")
     weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
     if weights is None:
         raise FormatError(f"{folder}: no weights found; looked for {', '.join(WEIGHT_NAMES)}")
-    files = _shards(weights) if weights.name.endswith(".index.json") else [weights]
+    weight_map = _weight_map(weights) if weights.name.endswith(".index.json") else None
+    files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else [weights]
     merged = Checkpoint(path=path, format="diffusers-folder", entries={}, config=config, files=tuple(files))
     for f in files:
         part = read_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f)
         for name, entry in part.entries.items():
+            if weight_map is not None and weight_map.get(name) != f:
+                where = f"maps it to {weight_map[name].name!r}" if name in weight_map else "does not list it"
+                raise FormatError(
+                    f"{weights}: tensor {name!r} is in the shard {f.name!r}, but the index {where}; "
+                    "the index and the shards disagree"
+                )
             if name in merged.entries:
                 raise FormatError(
                     f"{f}: tensor {name!r} also appears in {merged.entries[name].file or 'another shard'}"
@@ -59,21 +63,27 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
             merged.entries[name] = entry
         merged.metadata.update(part.metadata)
         merged.non_tensors.update(part.non_tensors)
+    if weight_map is not None:
+        absent = [k for k in weight_map if k not in merged.entries]
+        if absent:
+            raise FormatError(
+                f"{weights}: {len(absent)} tensor(s) listed in the index are in no shard: {list_some(absent)}"
+            )
     return merged
 
 
-def _shards(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
-        raise FormatError(f"{index}: not a valid shard index ({e})") from e
-    files = []
+def _weight_map(index: Path) -> dict[str, Path]:
+    """tensor name -> shard file, every shard confined to the index's folder and present."""
+    weight_map = read_json_file(index, "the shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise FormatError(f"{index}: not a valid shard index: 'weight_map' must map tensor names to shard files")
+    shards: dict[str, Path] = {}
     for name in dict.fromkeys(weight_map.values()):
-        f = index.parent / name
+        f = confined(index.parent, name, str(index))
         if not f.is_file():
             raise FormatError(f"{index}: shard {name!r} is listed but missing from {index.parent}")
-        files.append(f)
-    return files
+        shards[name] = f
+    return {k: shards[v] for k, v in weight_map.items()}
 
 
 def _read_pickle(path: Path) -> Checkpoint:

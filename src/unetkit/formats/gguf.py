@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from unetkit.errors import FormatError, QuantError
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.formats.validate import check_ranges, regular_file
 from unetkit.quant.gguf.qtypes import QType, qtype_by_id
 from unetkit.shapes import numel
 
@@ -121,6 +122,7 @@ class _Cursor:
 def read_header(path: Path) -> tuple[dict[str, Any], list[TensorInfo]]:
     """Parse and validate the header: (every KV, decoded; every tensor's info with its absolute data offset)."""
     path = Path(path)
+    regular_file(path, "GGUF file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         if size < 24:
@@ -186,6 +188,10 @@ def _parse(path: Path, data: Any, size: int) -> tuple[dict[str, Any], list[Tenso
                 "truncated"
             )
         infos.append(TensorInfo(name, shape, q, begin, n))
+    # ggml refuses both: tensor data starts aligned, and no two tensors share bytes
+    check_ranges(
+        ((i.name, i.offset - data_start, i.offset - data_start + i.nbytes) for i in infos), str(path), alignment
+    )
     return kv, infos
 
 

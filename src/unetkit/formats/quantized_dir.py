@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from unetkit import dtypes
 from unetkit.errors import FormatError, KeyMapError, UnetkitError, list_some
 from unetkit.formats.atomic import atomic_output
+from unetkit.formats.validate import confined, read_json_file
 
 if TYPE_CHECKING:
     import torch
@@ -91,10 +92,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{path}: not a unetkit quantized folder: {MANIFEST} is missing (write one with "
             "`unetkit quantize IN OUT --method torchao:...|quanto:...`)"
         )
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{mf}: unreadable manifest ({e})") from e
+    manifest = read_json_file(mf, "the quantization manifest", expect=None)
     found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
     if found != FORMAT:
         raise FormatError(f"{mf}: not a unetkit quantization manifest (format {found!r}, expected {FORMAT!r})")
@@ -117,11 +115,8 @@ def read_quantized_dir(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]
 
     path = Path(path)
     manifest = read_manifest(path)
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path / CONFIG}: missing or unreadable diffusers config ({e})") from e
-    weights = path / manifest.get("weights", WEIGHTS)
+    config = read_json_file(path / CONFIG, "the diffusers config")
+    weights = confined(path, str(manifest.get("weights", WEIGHTS)), str(path / MANIFEST))
     if not weights.is_file():
         raise FormatError(f"{weights}: the weights file named by {MANIFEST} is missing")
     ckpt = read_safetensors(weights)

@@ -15,17 +15,20 @@ from typing import TYPE_CHECKING, Any
 from unetkit.dtypes import BY_CODE
 from unetkit.errors import FormatError
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.formats.validate import check_ranges, load_json, regular_file
 from unetkit.shapes import numel
 
 if TYPE_CHECKING:
     import torch
 
 MAX_HEADER = 100 * 1024 * 1024
+MAX_TENSORS = 200_000  # SDXL checkpoints hold about 2,500; large language models some tens of thousands
 ALIGN = 64
 
 
 def read_header(path: Path) -> tuple[int, dict]:
     """Return (header length, parsed header) after checking that every tensor lies inside the file."""
+    regular_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -39,13 +42,16 @@ def read_header(path: Path) -> tuple[int, dict]:
                 f"{path}: header length {hlen} does not fit a {size}-byte file: not a safetensors file, or truncated"
             )
         raw = f.read(hlen)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: the safetensors header is not valid JSON ({e}); the file is damaged") from e
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: the safetensors header is not a JSON object")
+    if raw.count(b"data_offsets") > MAX_TENSORS:  # counted before parsing: parsing alone would cost gigabytes
+        raise FormatError(f"{path}: the header lists over {MAX_TENSORS} tensors; no model file has that many")
+    header = load_json(raw, str(path), what="the safetensors header")
+    if len(header) > MAX_TENSORS:
+        raise FormatError(f"{path}: the header lists {len(header)} tensors; no model file has more than {MAX_TENSORS}")
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise FormatError(f"{path}: __metadata__ must map names to strings")
     data_size = size - 8 - hlen
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -53,8 +59,11 @@ def read_header(path: Path) -> tuple[int, dict]:
             item = BY_CODE[info["dtype"]].itemsize
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
+            if any(d < 0 for d in shape) or not 0 <= begin <= end or len(info["shape"]) > 8:
+                raise ValueError("negative or out-of-order numbers")
         except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from e
+            raise FormatError(f"{path}: tensor {name!r} has a malformed header entry {info!r} ({e})") from e
+        ranges.append((name, begin, end))
         expected = item * numel(shape)
         if end - begin != expected:
             raise FormatError(
@@ -66,6 +75,7 @@ def read_header(path: Path) -> tuple[int, dict]:
                 f"{path}: tensor {name!r} needs bytes {begin}..{end} of the data section but the file holds only "
                 f"{data_size}: the file is truncated (download or export it again)"
             )
+    check_ranges(ranges, str(path))
     return hlen, header
 
 

@@ -1,0 +1,233 @@
+"""Damaged and hostile files get one clear error (a UnetkitError naming the file and the object), never a
+traceback, a hang, a silent misread or a read outside the model folder. One test per case class."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers import save_ldm, tiny_unet
+from unetkit.conversion import convert
+from unetkit.errors import FormatError, ModelDetectionError, UnetkitError
+from unetkit.formats import read
+from unetkit.resolve import open_unet
+
+
+def safetensors_bytes(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def write(path: Path, raw: bytes) -> Path:
+    path.write_bytes(raw)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- safetensors
+
+
+def test_duplicate_key_in_a_safetensors_header(tmp_path):
+    entry = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    p = write(tmp_path / "dup.safetensors", safetensors_bytes(f'{{"w":{entry},"w":{entry}}}'.encode(), b"\0" * 4))
+    with pytest.raises(FormatError, match="'w' twice"):
+        read(p)
+
+
+def test_overlapping_tensors_in_a_safetensors_header(tmp_path):
+    head = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
+    p = write(tmp_path / "o.safetensors", safetensors_bytes(json.dumps(head).encode(), b"\0" * 12))
+    with pytest.raises(FormatError, match="overlap"):
+        read(p)
+
+
+def test_deeply_nested_json_is_an_error_not_a_recursion_error(tmp_path):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    p = write(tmp_path / "deep.safetensors", safetensors_bytes(b'{"__metadata__":' + deep + b"}"))
+    with pytest.raises(FormatError, match="nested too deeply|deeper"):
+        read(p)
+
+
+def test_millions_of_empty_tensors_are_refused_before_parsing(tmp_path):
+    one = b'"t%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'
+    body = b",".join(one % i for i in range(250_000))
+    p = write(tmp_path / "many.safetensors", safetensors_bytes(b"{" + body + b"}"))
+    with pytest.raises(FormatError, match="over 200000 tensors"):
+        read(p)
+
+
+def test_a_fifo_is_refused_not_read_forever(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(FormatError, match="not a regular file"):
+        read(fifo)
+
+
+def test_a_link_to_a_device_is_refused(tmp_path):
+    link = tmp_path / "x.ckpt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(FormatError, match="not a regular file"):
+        read(link)
+
+
+# ---------------------------------------------------------------------------------------------------- configs
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hostile")
+    src = save_ldm(tiny_unet(), d / "m.safetensors")
+    convert(src, d / "unet", to="diffusers")
+    return d
+
+
+def copy_folder(folder: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "unet"
+    shutil.copytree(folder / "unet", out)
+    return out
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", '{"block_out_channels": "wide"}', "[" * 5000 + "]" * 5000])
+def test_bad_config_json_is_a_clear_error(folder, tmp_path, content):
+    unet = copy_folder(folder, tmp_path)
+    (unet / "config.json").write_text(content)
+    with pytest.raises(UnetkitError, match="config"):
+        open_unet(unet)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", "[" * 5000 + "]" * 5000])
+def test_bad_user_config_is_a_clear_error(folder, tmp_path, content):
+    (tmp_path / "c.json").write_text(content)
+    with pytest.raises(UnetkitError, match="config"):
+        open_unet(folder / "m.safetensors", config=tmp_path / "c.json")
+
+
+def test_config_json_that_disagrees_with_the_stored_config_is_refused(folder, tmp_path):
+    unet = copy_folder(folder, tmp_path)
+    cfg = json.loads((unet / "config.json").read_text())
+    cfg["attention_head_dim"] = 4
+    (unet / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDetectionError, match=r"attention_head_dim: config.json has 4, the weights' metadata 8"):
+        open_unet(unet)
+
+
+# ------------------------------------------------------------------------------------------------ shard indexes
+
+
+def sharded(folder: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The tiny UNet as two shards with an index, as diffusers writes big models."""
+    unet = copy_folder(folder, tmp_path)
+    src = read(unet / "diffusion_pytorch_model.safetensors")
+    names = list(src.entries)
+    halves = {"part-1.safetensors": names[: len(names) // 2], "part-2.safetensors": names[len(names) // 2 :]}
+    for shard, keys in halves.items():
+        save_file({k: src.entries[k].load().clone() for k in keys}, str(unet / shard), metadata=dict(src.metadata))
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    return unet, weight_map
+
+
+def test_a_sharded_folder_reads(folder, tmp_path):
+    unet, _ = sharded(folder, tmp_path)
+    assert len(open_unet(unet).tensors) == len(read(folder / "m.safetensors").entries)
+
+
+@pytest.mark.parametrize("bad", ["/etc/hostname", "../outside.safetensors", "sub/../../outside.safetensors"])
+def test_a_shard_path_outside_the_folder_is_refused(folder, tmp_path, bad):
+    unet, weight_map = sharded(folder, tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "outside.safetensors"))
+    weight_map[next(iter(weight_map))] = bad
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError, match="outside its folder"):
+        read(unet)
+
+
+def test_an_index_that_maps_a_key_to_the_wrong_shard_is_refused(folder, tmp_path):
+    unet, weight_map = sharded(folder, tmp_path)
+    key = next(iter(weight_map))
+    weight_map[key] = "part-2.safetensors"
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError, match="index and the shards disagree"):
+        read(unet)
+
+
+def test_an_index_that_misses_a_key_is_refused(folder, tmp_path):
+    unet, weight_map = sharded(folder, tmp_path)
+    del weight_map[next(iter(weight_map))]
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(FormatError, match="does not list it"):
+        read(unet)
+
+
+# ---------------------------------------------------------------------------------------------------------- GGUF
+
+
+def gguf_bytes(
+    tensors: list[tuple[str, tuple[int, ...], int, int]],
+    kv: dict | None = None,
+    data: int = 4096,
+) -> bytes:
+    """A minimal GGUF v3 file: (name, ggml dims, type id, offset) per tensor, KVs as uint32 or uint32 arrays."""
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s.encode())) + s.encode()
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv or {}))
+    for key, value in (kv or {}).items():
+        if isinstance(value, list):
+            out += string(key) + struct.pack("<IIQ", 9, 4, len(value)) + struct.pack(f"<{len(value)}I", *value)
+        else:
+            out += string(key) + struct.pack("<II", 4, value)
+    for name, dims, type_id, offset in tensors:
+        out += string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+        out += struct.pack("<IQ", type_id, offset)
+    out += b"\0" * (-len(out) % 32)
+    return out + b"\0" * data
+
+
+def test_gguf_well_formed_file_reads(tmp_path):
+    p = write(tmp_path / "ok.gguf", gguf_bytes([("a", (32,), 0, 0), ("b", (32,), 0, 128)]))
+    assert set(read(p).entries) == {"a", "b"}
+
+
+def test_gguf_unaligned_offset_is_refused(tmp_path):
+    p = write(tmp_path / "u.gguf", gguf_bytes([("a", (32,), 0, 0), ("b", (32,), 0, 130)]))
+    with pytest.raises(FormatError, match="not aligned to 32"):
+        read(p)
+
+
+def test_gguf_two_tensors_on_one_offset_are_refused(tmp_path):
+    p = write(tmp_path / "s.gguf", gguf_bytes([("a", (32,), 0, 0), ("b", (32,), 0, 0)]))
+    with pytest.raises(FormatError, match="overlap"):
+        read(p)
+
+
+def test_gguf_alignment_zero_is_refused(tmp_path):
+    p = write(tmp_path / "z.gguf", gguf_bytes([("a", (32,), 0, 0)], kv={"general.alignment": 0}))
+    with pytest.raises(FormatError, match="general.alignment"):
+        read(p)
+
+
+def test_gguf_scalar_orig_shape_is_refused(tmp_path):
+    p = write(tmp_path / "o.gguf", gguf_bytes([("a", (32,), 0, 0)], kv={"comfy.gguf.orig_shape.a": 7}))
+    with pytest.raises(FormatError, match="orig_shape"):
+        read(p)
+
+
+def test_gguf_huge_array_count_is_refused_without_allocating(tmp_path):
+    raw = bytearray(gguf_bytes([], kv={"big": [1, 2, 3]}))
+    at = raw.index(b"big") + 3 + 8  # the array's element count, after its type and element type
+    raw[at : at + 8] = struct.pack("<Q", 10**12)
+    p = write(tmp_path / "big.gguf", bytes(raw))
+    with pytest.raises(FormatError, match="array length"):
+        read(p)
