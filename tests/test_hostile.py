@@ -231,3 +231,32 @@ def test_gguf_huge_array_count_is_refused_without_allocating(tmp_path):
     p = write(tmp_path / "big.gguf", bytes(raw))
     with pytest.raises(FormatError, match="array length"):
         read(p)
+
+
+def test_a_weight_retyped_to_integers_is_refused(folder, tmp_path):
+    raw = bytearray((folder / "m.safetensors").read_bytes())
+    (hlen,) = struct.unpack("<Q", raw[:8])
+    head = json.loads(raw[8 : 8 + hlen])
+    name = next(k for k, v in head.items() if k != "__metadata__" and v["dtype"] == "F32")
+    head[name]["dtype"] = "I32"  # the same byte count
+    new = json.dumps(head, separators=(",", ":")).encode()
+    new += b" " * (hlen - len(new))
+    assert len(new) == hlen
+    p = write(tmp_path / "i32.safetensors", bytes(raw[:8]) + new + bytes(raw[8 + hlen :]))
+    with pytest.raises(UnetkitError, match=rf"stored as integers.*{name}"):
+        open_unet(p)
+
+
+def test_gguf_quantized_type_on_a_1d_tensor_is_refused(tmp_path):
+    p = write(tmp_path / "b.gguf", gguf_bytes([("out.2.bias", (32,), 7, 0)]))  # 7 = Q5_1
+    with pytest.raises(FormatError, match="1-D"):
+        read(p)
+
+
+def test_gguf_too_many_kv_entries_is_refused(tmp_path):
+    raw = bytearray(gguf_bytes([]))
+    raw[16:24] = struct.pack("<Q", 1 << 17)  # the KV count
+    raw += b"\0" * (24 << 17)  # room enough that only the bound refuses it
+    p = write(tmp_path / "kv.gguf", bytes(raw))
+    with pytest.raises(FormatError, match="KV count"):
+        read(p)

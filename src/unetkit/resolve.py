@@ -140,7 +140,14 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
         for k, s in expected.items()
         if k in tensors and tuple(tensors[k].shape) != s
     ]
+    # every UNet weight is a float (or GGUF blocks that decode to one): an integer tensor of the same byte count
+    # is a damaged header that would otherwise load as integers and run
+    not_float = [f"{e.name} ({e.code})" for e in tensors.values() if not e.floating]
     problems = []
+    if not_float:
+        problems.append(
+            f"{len(not_float)} tensor(s) stored as integers, where UNet weights are floats: {list_some(not_float, 5)}"
+        )
     if unknown:
         problems.append(f"{len(unknown)} unknown key(s): {list_some(unknown)}")
     if dupes:

@@ -53,7 +53,8 @@ SCALAR_FORMATS = {
 
 #: bounds on what a header may claim, checked before anything is allocated
 MAX_STRING = 16 << 20
-MAX_ARRAY = 1 << 20
+MAX_ARRAY = 1 << 16  # UNet files hold arrays of up to 4 (orig_shape); tokenizers are not read here
+MAX_ENTRIES = 1 << 16  # KVs and tensors: an SDXL UNet has about 1,700 tensors and as many KVs
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,8 @@ def _parse(path: Path, data: Any, size: int) -> tuple[dict[str, Any], list[Tenso
     version = cur.take("I", "version")
     if version not in (2, 3):
         raise FormatError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-    n_tensors = cur.count("tensor count", 24, 1 << 20)  # a tensor info takes at least 24 bytes
-    n_kv = cur.count("KV count", 12, 1 << 20)  # a KV takes at least 12 bytes
+    n_tensors = cur.count("tensor count", 24, MAX_ENTRIES)  # a tensor info takes at least 24 bytes
+    n_kv = cur.count("KV count", 12, MAX_ENTRIES)  # a KV takes at least 12 bytes
     kv: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string("KV key")
@@ -175,6 +176,11 @@ def _parse(path: Path, data: Any, size: int) -> tuple[dict[str, Any], list[Tenso
             q = qtype_by_id(type_id)
         except QuantError as e:
             raise FormatError(f"{path}: tensor {name!r} has unknown ggml type {type_id}: {e}") from e
+        if not q.is_float and len(shape) == 1:
+            raise FormatError(
+                f"{path}: tensor {name!r} is 1-D (a bias or norm) but stored as {q.name}; no GGUF producer quantizes "
+                "1-D tensors, so its type id is damaged"
+            )
         if shape[-1] % q.block_size:
             raise FormatError(
                 f"{path}: tensor {name!r} ({q.name}, shape {list(shape)}): its row of {shape[-1]} elements does not "
