@@ -47,26 +47,14 @@ PY = sys.executable
 
 
 def make_sd15_source(path: Path, seed: int = 0) -> Path:
-    """Full-size SD1.5 UNet, seeded random fp32 weights, LDM names under model.diffusion_model., written by the
-    safetensors library itself (as real files are: 8-byte aligned, not unetkit's 64)."""
+    """Full-size SD1.5 UNet, seeded random fp32 weights (unetkit.sample's builder, the one the tests and `make demo`
+    use), LDM names under model.diffusion_model., written by the safetensors library itself (as real files are:
+    8-byte aligned, not unetkit's 64)."""
     if path.exists():
         return path
-    import torch
-    from safetensors.torch import save_file
+    from unetkit.sample import write_ldm_checkpoint
 
-    from unetkit.keymap import KeyMap, Topology
-    from unetkit.spec import build_model
-
-    model = build_model(dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8))
-    km = KeyMap.for_topology(Topology.from_config(model.config))
-    sd = {}
-    for i, (k, p) in enumerate(model.state_dict().items()):
-        g = torch.Generator().manual_seed(seed + i)
-        sd["model.diffusion_model." + km.to_ldm(k)] = torch.randn(tuple(p.shape), generator=g) * 0.02
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path.with_suffix(".partial")))
-    os.replace(path.with_suffix(".partial"), path)
-    return path
+    return write_ldm_checkpoint(path, "sd1.x", "full", seed=seed, dtype="fp32", writer="safetensors")
 
 
 def local_config(src: Path, config_dir: Path) -> Path:

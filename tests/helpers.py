@@ -1,8 +1,10 @@
 """Tiny UNets with SD1.5's topology (channel multipliers 1, 2, 4, 4; two layers per block), so their key names
-are exactly SD1.5's, built from configs: nothing is downloaded."""
+are exactly SD1.5's, built from configs: nothing is downloaded. The builder is :mod:`unetkit.sample`'s (one for
+the tests, `make demo` and the benchmarks); the names here are thin wrappers of it."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -10,46 +12,26 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from unetkit.keymap import KeyMap, Topology
-from unetkit.sample import example_inputs
+from unetkit.sample import BASE, build_unet, example_inputs, variant_overrides
+from unetkit.sample import VARIANTS as SAMPLE_VARIANTS
 
-TINY_CHANNELS = [32, 64, 128, 128]
+#: the builder is unetkit.sample's (shared with `make demo` and the benchmarks); these names are its tiny size
+TINY_CHANNELS = BASE["tiny"]["block_out_channels"]
 
 #: variant name -> config overrides of the tiny SD1.5-topology config
-VARIANTS: dict[str, dict] = {
-    "sd1.x": {},
-    "sd1.x-inpainting": {"in_channels": 9},
-    "sd1.x-pix2pix": {"in_channels": 8},
-    "sd1.x-lcm": {"time_cond_proj_dim": 32},
-    "sd2.x": {
-        "use_linear_projection": True,
-        "cross_attention_dim": 96,
-        "attention_head_dim": [1, 1, 2, 2],
-        "sample_size": 96,
-        "upcast_attention": False,
-    },
-}
+VARIANTS: dict[str, dict] = copy.deepcopy(SAMPLE_VARIANTS["tiny"])
 
-FULL_SD15 = dict(
-    block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8, sample_size=64
-)
+FULL_SD15 = copy.deepcopy(BASE["full"])
 
 
 def tiny_config(variant: str = "sd1.x") -> dict:
-    cfg = dict(block_out_channels=TINY_CHANNELS, cross_attention_dim=64, attention_head_dim=8, sample_size=64)
-    cfg.update(VARIANTS[variant])
-    return cfg
+    return variant_overrides(variant, "tiny")
 
 
 def tiny_unet(variant: str = "sd1.x", seed: int = 0) -> UNet2DConditionModel:
     """A tiny UNet with every weight random (diffusers zero-inits some layers; random makes tests sharper)."""
-    torch.manual_seed(seed)
-    model = UNet2DConditionModel(**tiny_config(variant)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if (name.endswith("weight") and "norm" in name) else 0.0
-            p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
-    return model
+    torch.manual_seed(seed)  # as before: torch's global generator is left seeded for whatever draws from it next
+    return build_unet(variant, "tiny", seed=seed)
 
 
 def keymap_for(model: UNet2DConditionModel) -> KeyMap:
@@ -74,7 +56,12 @@ def inputs(model: UNet2DConditionModel, seed: int = 1, size: int = 16) -> dict:
 
 @torch.no_grad()
 def forward(model: UNet2DConditionModel, args: dict) -> torch.Tensor:
-    return model(**{k: v.to(model.dtype) if v.is_floating_point() else v for k, v in args.items()}).sample
+    def cast(v):
+        if isinstance(v, dict):
+            return {k: cast(x) for k, x in v.items()}
+        return v.to(model.dtype) if v.is_floating_point() else v
+
+    return model(**{k: cast(v) for k, v in args.items()}).sample
 
 
 def no_temp_files(folder: Path) -> bool:

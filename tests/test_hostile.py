@@ -247,12 +247,6 @@ def test_a_weight_retyped_to_integers_is_refused(folder, tmp_path):
         open_unet(p)
 
 
-def test_gguf_quantized_type_on_a_1d_tensor_is_refused(tmp_path):
-    p = write(tmp_path / "b.gguf", gguf_bytes([("out.2.bias", (32,), 7, 0)]))  # 7 = Q5_1
-    with pytest.raises(FormatError, match="1-D"):
-        read(p)
-
-
 def test_gguf_too_many_kv_entries_is_refused(tmp_path):
     raw = bytearray(gguf_bytes([]))
     raw[16:24] = struct.pack("<Q", 1 << 17)  # the KV count

@@ -43,7 +43,11 @@ class VerificationFailed(UnetkitError):
 
 
 class OutputExistsError(UnetkitError):
-    """The output path exists and overwriting was not asked for."""
+    """The output path exists and overwriting was not asked for, or the output would overwrite an input."""
+
+
+class OutputError(UnetkitError):
+    """An output cannot be written (full disk, read-only mount, missing folder): where, the OS's reason."""
 
 
 def list_some(items: Iterable[object], limit: int = 10) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from unetkit.benchmarking.variants import GGUF_MODES
 from unetkit.cli.common import emit_json, human_bytes, table
-from unetkit.formats.atomic import atomic_output, check_output
+from unetkit.formats.atomic import atomic_output, check_output, check_writable
 
 if TYPE_CHECKING:
     from unetkit.benchmarking.record import BenchRecord
@@ -129,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
     to_stdout = args.json == "-"
     if args.json and not to_stdout:
-        check_output(Path(args.json), args.force)  # before the benchmark, not after it
+        # before the benchmark, not after it; a report never replaces a model
+        check_output(Path(args.json), args.force, inputs=[v.split("@", 1)[0] for v in args.variants])
+        check_writable(Path(args.json))
     bar, progress = _progress_bar(not args.quiet, len(args.variants))
     try:
         records = bench(

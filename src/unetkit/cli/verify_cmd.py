@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from unetkit.errors import VerificationFailed
 from unetkit.verification.presets import PRESETS
@@ -87,12 +88,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from unetkit.formats.atomic import check_output
+    from unetkit.formats.atomic import check_output, check_writable
     from unetkit.verification import verify
 
     for out in (args.json, args.html):
-        if out and out != "-":
-            check_output(out, args.force)  # fail before minutes of work, not after
+        if out and out != "-":  # fail before minutes of work, not after; a report never replaces a model
+            check_output(Path(out), args.force, inputs=(args.reference, args.candidate))
+            check_writable(Path(out))
     bar = None
     show = not args.quiet and args.json != "-"
 

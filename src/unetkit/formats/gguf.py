@@ -176,11 +176,6 @@ def _parse(path: Path, data: Any, size: int) -> tuple[dict[str, Any], list[Tenso
             q = qtype_by_id(type_id)
         except QuantError as e:
             raise FormatError(f"{path}: tensor {name!r} has unknown ggml type {type_id}: {e}") from e
-        if not q.is_float and len(shape) == 1:
-            raise FormatError(
-                f"{path}: tensor {name!r} is 1-D (a bias or norm) but stored as {q.name}; no GGUF producer quantizes "
-                "1-D tensors, so its type id is damaged"
-            )
         if shape[-1] % q.block_size:
             raise FormatError(
                 f"{path}: tensor {name!r} ({q.name}, shape {list(shape)}): its row of {shape[-1]} elements does not "

@@ -1,9 +1,10 @@
 """sha256 of a source, computed in a thread while the output is written, and remembered per file.
 
 Hashing 3.4 GB takes about 2 s on one core, longer than copying it. Like the web UIs' hash caches, the digest is
-remembered per file under a key of (resolved path, size, mtime_ns, inode, device): a file that changes gets a new
-mtime and is hashed again. The cache is a small JSON file in ``$UNETKIT_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/unetkit``, else ``~/.cache/unetkit``); ``UNETKIT_HASH_CACHE=0`` turns it off. A cache that
+remembered per file under a key of (resolved path, size, mtime_ns, ctime_ns, inode, device): a file that changes
+gets a new ctime (which no user can set, unlike mtime) and is hashed again. The cache is a small JSON file in
+``$UNETKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/unetkit``, else ``~/.cache/unetkit``); ``UNETKIT_HASH_CACHE=0``
+turns it off. A cache that
 cannot be read or written is ignored, never an error."""
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _enabled() -> bool:
 
 def _file_key(f: Path) -> str:
     st = os.stat(f)
-    return f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}"
+    # st_ctime_ns too: no user can set it, so a file rewritten in place with its mtime restored is hashed again
+    return f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}|{st.st_dev}"
 
 
 def _key(files: tuple[Path, ...]) -> str:
