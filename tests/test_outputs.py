@@ -1,0 +1,144 @@
+"""Outputs never cost an input, and leave nothing half-written: path safety, signals, stale temporaries, OS errors,
+the sha256 cache keyed on ctime."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import no_temp_files, save_ldm, tiny_unet
+from unetkit.cli.app import main
+from unetkit.conversion import convert
+from unetkit.errors import OutputError, OutputExistsError
+from unetkit.formats.atomic import TMP_MARK, collect_stale
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return save_ldm(tiny_unet(), tmp_path_factory.mktemp("out") / "m.safetensors")
+
+
+def test_output_folder_holding_the_input_is_refused_even_with_force(src, tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(src.read_bytes())
+    with pytest.raises(OutputExistsError, match="holds the input"):
+        convert(model, tmp_path, to="diffusers", force=True)
+    assert model.read_bytes() == src.read_bytes()
+
+
+def test_output_inside_an_input_folder_is_refused(src, tmp_path):
+    convert(src, tmp_path / "unet", to="diffusers")
+    with pytest.raises(OutputExistsError, match="inside the input folder"):
+        convert(tmp_path / "unet", tmp_path / "unet" / "back.safetensors", to="ldm", force=True)
+
+
+def test_output_equal_to_the_input_is_refused(src):
+    with pytest.raises(OutputExistsError, match="is the input"):
+        convert(src, src, to="ldm", force=True)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--html"])
+def test_a_verify_report_never_replaces_a_model(src, tmp_path, flag, capsys):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(src.read_bytes())
+    code = main(["verify", str(model), str(model), flag, str(model), "--force", "-q"])
+    assert code == 2 and "is the input" in capsys.readouterr().err
+    assert model.read_bytes() == src.read_bytes()
+
+
+def test_a_bench_report_never_replaces_a_model(src, tmp_path, capsys):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(src.read_bytes())
+    assert main(["bench", str(model), "--json", str(model), "--force", "-q"]) == 2
+    assert "is the input" in capsys.readouterr().err and model.read_bytes() == src.read_bytes()
+
+
+def test_a_report_into_a_missing_folder_fails_before_the_work(src, tmp_path, capsys):
+    t0 = time.perf_counter()
+    assert main(["verify", str(src), str(src), "--json", str(tmp_path / "no" / "r.json"), "-q"]) == 2
+    assert "does not exist" in capsys.readouterr().err and time.perf_counter() - t0 < 5
+
+
+def test_a_parent_that_is_a_file_is_one_line_with_the_errno(src, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write the output: .*\(E"):
+        convert(src, tmp_path / "file" / "out.safetensors", to="ldm")
+
+
+SLOW_CONVERT = """
+import sys, time
+import unetkit.formats.safetensors_io as sio
+real = sio._write_tensor
+def slow(*a, **k):
+    time.sleep(0.05)
+    return real(*a, **k)
+sio._write_tensor = slow
+from unetkit.conversion import convert
+print("started", flush=True)
+convert(sys.argv[1], sys.argv[2], to="ldm", dtype="fp16")
+"""
+
+
+def _start_slow_convert(src: Path, out: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SLOW_CONVERT), str(src), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    deadline = time.time() + 60
+    while not any(TMP_MARK in p.name for p in out.parent.iterdir()):  # writing has begun
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.3)
+    return proc
+
+
+def test_sigterm_mid_write_leaves_no_temp_file(src, tmp_path):
+    out = tmp_path / "o.safetensors"
+    proc = _start_slow_convert(src, out)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not out.exists() and no_temp_files(tmp_path)
+
+
+def test_after_sigkill_the_next_run_collects_the_temp_file(src, tmp_path, caplog):
+    out = tmp_path / "o.safetensors"
+    proc = _start_slow_convert(src, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    left = [p for p in tmp_path.iterdir() if TMP_MARK in p.name]
+    assert len(left) == 1 and not out.exists()  # nothing can clean up at once: no final name holds a partial file
+    convert(src, out, to="ldm")
+    assert out.exists() and no_temp_files(tmp_path)
+    assert any("partial output left by process" in r.getMessage() for r in caplog.records)
+
+
+def test_a_live_process_temp_file_is_not_collected(tmp_path):
+    mine = tmp_path / f".o.safetensors{TMP_MARK}{os.getpid()}-abcdef12"
+    mine.write_bytes(b"x")
+    assert collect_stale(tmp_path / "o.safetensors") == [] and mine.exists()
+
+
+def test_hash_cache_sees_a_rewrite_with_the_mtime_restored(src, tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(src.read_bytes())
+    first = convert(model, tmp_path / "a", to="diffusers")
+    st = model.stat()
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF  # a different last byte, same size
+    time.sleep(0.01)
+    model.write_bytes(bytes(data))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back, as a user can
+    second = convert(model, tmp_path / "b", to="diffusers")
+    assert not second.source_sha256_cached and second.source_sha256 != first.source_sha256
