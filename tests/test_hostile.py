@@ -254,3 +254,36 @@ def test_gguf_too_many_kv_entries_is_refused(tmp_path):
     p = write(tmp_path / "kv.gguf", bytes(raw))
     with pytest.raises(FormatError, match="KV count"):
         read(p)
+
+
+# ------------------------------------------------------------------------------------------------ bad arguments
+
+
+@pytest.mark.parametrize(
+    "argv, phrase",
+    [
+        (["--min-sqnr", "nan"], "min_sqnr=nan"),
+        (["--guidance", "nan"], "guidance=nan"),
+        (["--timesteps", "100000"], "timesteps=100000"),
+        (["--steps", "0"], "steps=0"),
+        (["--size", "12"], "size=12"),
+        (["--min-sqnr", "abc"], "invalid float value: 'abc'"),
+    ],
+)
+def test_bad_verify_arguments_are_one_line_before_any_work(folder, argv, phrase, capsys):
+    from unetkit.cli.app import main
+
+    try:
+        code = main(["verify", str(folder / "m.safetensors"), str(folder / "m.safetensors"), *argv, "-q"])
+    except SystemExit as e:  # argparse's own type errors exit from inside the parser
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and phrase in err and len(err.strip().splitlines()) == 1
+
+
+def test_verify_of_two_families_is_an_input_error_not_a_failed_verification(folder, tmp_path, capsys):
+    from unetkit.cli.app import main
+
+    sd2 = save_ldm(tiny_unet("sd2.x"), tmp_path / "sd2.safetensors")
+    assert main(["verify", str(folder / "m.safetensors"), str(sd2), "-q"]) == 2
+    assert "different architectures (family: SD1.x vs SD2.x" in capsys.readouterr().err

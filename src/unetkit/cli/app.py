@@ -11,6 +11,7 @@ import sys
 
 from unetkit._quiet import quiet_third_party
 from unetkit._version import __version__
+from unetkit.cli.common import Parser
 from unetkit.errors import UnetkitError
 
 DESCRIPTION = """unetkit: read, convert, quantize and verify Stable Diffusion 1.x/2.x UNet checkpoints.
@@ -30,7 +31,7 @@ run `unetkit COMMAND --help` for each command's options and examples."""
 def build_parser() -> argparse.ArgumentParser:
     from unetkit.cli import bench_cmd, convert_cmd, inspect_cmd, quantize_cmd, verify_cmd
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="unetkit", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"unetkit {__version__}")

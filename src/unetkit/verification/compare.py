@@ -27,13 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from unetkit import families
 from unetkit.dtypes import compute_dtype
 from unetkit.errors import UnetkitError
 from unetkit.loading import load_unet
 from unetkit.metrics import compare
 from unetkit.verification.blame import run_blame
 from unetkit.verification.inputs import DEFAULT_GUIDANCE, SCHEDULERS, make_inputs, make_scheduler, spread_timesteps
-from unetkit.verification.presets import PRESETS
+from unetkit.verification.presets import PRESETS, check_settings
 from unetkit.verification.report import Report, Side
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def verify(
     has one timestep row, no ``sampling`` and no ``blame``. A differing weight, or measured mode, runs in full."""
     t0 = time.perf_counter()
     preset = PRESETS["quick" if quick else "default"]
+    check_settings(timesteps=timesteps, steps=steps, size=size, batch=batch, guidance=guidance, min_sqnr=min_sqnr)
     ref_model, ref_side = _load(reference, dtype, "reference")
     cand_model, cand_side = _load(candidate, dtype, "candidate")
     _check_compatible(ref_model, cand_model, ref_side, cand_side)
@@ -85,11 +87,6 @@ def verify(
         raise UnetkitError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     timesteps = preset["timesteps"] if timesteps is None else timesteps
     steps = (preset["lcm_steps"] if scheduler == "lcm" else preset["steps"]) if steps is None else steps
-    if steps < 1 or size < 8 or size % 8 or batch < 1:
-        raise UnetkitError(
-            f"need steps >= 1, batch >= 1 and a size that is a multiple of 8 (got steps={steps}, "
-            f"size={size}, batch={batch})"
-        )
     guidance = DEFAULT_GUIDANCE[scheduler] if guidance is None else guidance
     if exact is None:
         exact = not (ref_side.quantized or cand_side.quantized) and ref_side.dtype == cand_side.dtype
@@ -238,12 +235,24 @@ def _variant(model: nn.Module) -> str:
 
 
 def _check_compatible(ref: nn.Module, cand: nn.Module, rs: Side, cs: Side) -> None:
-    keys = ("in_channels", "out_channels", "cross_attention_dim", "time_cond_proj_dim", "block_out_channels")
+    keys = (
+        "in_channels",
+        "out_channels",
+        "cross_attention_dim",
+        "time_cond_proj_dim",
+        "block_out_channels",
+        "use_linear_projection",
+        "layers_per_block",
+        "transformer_layers_per_block",
+    )
     rc: Any = ref.config
     cc: Any = cand.config
     diff = [
         f"{k}: {rc.get(k)} vs {cc.get(k)}" for k in keys if rc.get(k) != cc.get(k) and str(rc.get(k)) != str(cc.get(k))
     ]
+    rf, cf = families.for_config(dict(rc)), families.for_config(dict(cc))
+    if rf is not cf:
+        diff.insert(0, f"family: {rf.title} vs {cf.title}")
     if diff:
         raise UnetkitError(
             f"{rs.source} and {cs.source} are different architectures ({'; '.join(diff)}); verify "
