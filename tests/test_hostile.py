@@ -287,3 +287,51 @@ def test_verify_of_two_families_is_an_input_error_not_a_failed_verification(fold
     sd2 = save_ldm(tiny_unet("sd2.x"), tmp_path / "sd2.safetensors")
     assert main(["verify", str(folder / "m.safetensors"), str(sd2), "-q"]) == 2
     assert "different architectures (family: SD1.x vs SD2.x" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- what a file really is
+
+
+@pytest.mark.parametrize("prefix", ["unet.", ""])
+def test_a_peft_lora_is_named_as_a_lora(tmp_path, prefix):
+    base = f"{prefix}down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    sd = {f"{base}.lora_A.weight": torch.zeros(4, 32), f"{base}.lora_B.weight": torch.zeros(32, 4)}
+    save_file(sd, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ModelDetectionError, match="this is a LoRA"):
+        open_unet(tmp_path / "lora.safetensors")
+
+
+def test_a_diffusers_controlnet_is_named_as_a_controlnet(tmp_path):
+    sd = {
+        "conv_in.weight": torch.zeros(32, 4, 3, 3),
+        "controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3),
+        "controlnet_down_blocks.0.weight": torch.zeros(32, 32, 1, 1),
+        "down_blocks.0.resnets.0.conv1.weight": torch.zeros(32, 32, 3, 3),
+    }
+    save_file(sd, str(tmp_path / "cn.safetensors"))
+    with pytest.raises(ModelDetectionError, match="this is a ControlNet"):
+        open_unet(tmp_path / "cn.safetensors")
+
+
+def test_random_bytes_named_ckpt_are_not_called_a_code_running_pickle(tmp_path):
+    p = write(tmp_path / "r.ckpt", bytes(range(256)) * 20)
+    with pytest.raises(FormatError, match="neither a zip archive nor a pickle"):
+        read(p)
+
+
+def test_a_pickle_with_an_int_key_is_a_clear_error(tmp_path):
+    torch.save({1: torch.zeros(2), "w": torch.zeros(1)}, tmp_path / "k.ckpt")
+    with pytest.raises(FormatError, match="key 1 of type int"):
+        read(tmp_path / "k.ckpt")
+
+
+def test_a_zip_checkpoint_with_a_short_data_entry_is_refused(tmp_path):
+    import zipfile
+
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "ok.ckpt")
+    with zipfile.ZipFile(tmp_path / "ok.ckpt") as zin, zipfile.ZipFile(tmp_path / "short.ckpt", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            zout.writestr(info, data[:100] if info.filename.endswith("/data/0") else data)
+    with pytest.raises(FormatError, match="not a readable PyTorch checkpoint"):
+        read(tmp_path / "short.ckpt")

@@ -27,18 +27,29 @@ Shape = tuple[int, ...]
 LDM_MARKERS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")
 DIFFUSERS_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "time_embedding.linear")
 
-#: What other files look like, to say what a refused file is instead of "unknown".
-LOOKS_LIKE = (
+#: Files that hold UNet-like names but are something else: refused by name before any layout is read.
+NOT_A_UNET = (
     (
         ("label_emb.", "add_embedding.", "conditioner."),
         "an SDXL UNet or checkpoint (label_emb / add_embedding present)",
     ),
+    (
+        ("lora_unet_", "lora_te_", "lora_down.", "lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up."),
+        "a LoRA (low-rank adapter weights, not a UNet: apply it to a UNet with your pipeline's LoRA loader)",
+    ),
+    (
+        ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.", "control_model.",
+         "zero_convs.", "input_hint_block."),
+        "a ControlNet (an adapter beside the UNet, not a UNet)",
+    ),
+)  # fmt: skip
+#: What other files look like, to say what a refused file is instead of "unknown".
+LOOKS_LIKE = (
+    *NOT_A_UNET,
     (("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.", "quant_conv."), "a VAE"),
     (("text_model.", "transformer.text_model.", "token_embedding."), "a CLIP text encoder"),
-    (("lora_unet_", "lora_te_", "lora_down", ".lora_A.", ".lora_B."), "a LoRA"),
     (("double_blocks.", "single_blocks."), "a Flux transformer"),
     (("joint_blocks.",), "an SD3 MMDiT"),
-    (("control_model.", "zero_convs.", "input_hint_block."), "a ControlNet"),
 )
 
 
@@ -77,9 +88,9 @@ def detect_layout(names: Iterable[str], all_keys: Iterable[str] = (), where: str
     is_ldm = any(n.startswith(LDM_MARKERS) for n in names if n != COND_PROJ)
     is_diffusers = any(n.startswith(DIFFUSERS_MARKERS) for n in names)
     seen = list(all_keys) or names
-    for markers, what in LOOKS_LIKE[:1]:
+    for markers, what in NOT_A_UNET:
         if any(m in k for k in seen for m in markers):
-            raise ModelDetectionError(f"{where}looks like {what}; unetkit handles SD1.x/SD2.x UNets only")
+            raise ModelDetectionError(f"{where}this is {what}; unetkit reads SD1.x/SD2.x UNets")
     if is_ldm and is_diffusers:
         raise ModelDetectionError(f"{where}mixes LDM names (input_blocks.*) and diffusers names (down_blocks.*)")
     if is_ldm:

@@ -14,13 +14,22 @@ import torch
 from unetkit import dtypes
 from unetkit.errors import FormatError, UnetkitError
 from unetkit.formats.base import Checkpoint, TensorEntry
+from unetkit.formats.validate import regular_file
 
 NESTED_KEYS = ("state_dict", "model", "module")
 
 
 def read_pickle(path: Path) -> Checkpoint:
     path = Path(path)
+    regular_file(path, "PyTorch checkpoint")
     mmap = zipfile.is_zipfile(path)  # torch can memory-map only the zip format (torch >= 1.6 files)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not mmap and not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        raise FormatError(
+            f"{path}: not a PyTorch checkpoint: neither a zip archive nor a pickle (first bytes "
+            f"{head!r}); the file is damaged, or not what its name says"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -47,6 +56,10 @@ def read_pickle(path: Path) -> Checkpoint:
         raise FormatError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
     entries = {}
     for name, value in obj.items():
+        if not isinstance(name, str):
+            raise FormatError(
+                f"{path}: the state dict has a key {name!r} of type {type(name).__name__}; tensor names are strings"
+            )
         if isinstance(value, torch.Tensor):
             try:
                 code = dtypes.lookup(value.dtype).code
