@@ -200,20 +200,59 @@ def _load_config(config: Mapping[str, Any] | str | Path | None) -> dict[str, Any
     return _checked_config(read_json_file(p, "the given config (--config)", expect=None), str(p))
 
 
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _int_or_list(v: Any) -> bool:
+    return _pos_int(v) or (isinstance(v, list) and bool(v) and all(_pos_int(x) for x in v))
+
+
+#: the config fields unetkit reads, and what each must be (a value of another kind is an error naming the field)
+CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
+    "in_channels": ("a positive integer", _pos_int),
+    "out_channels": ("a positive integer", _pos_int),
+    "layers_per_block": ("a positive integer", _pos_int),
+    "cross_attention_dim": ("a positive integer", _pos_int),
+    "conv_in_kernel": ("a positive integer", _pos_int),
+    "conv_out_kernel": ("a positive integer", _pos_int),
+    "transformer_layers_per_block": ("a positive integer or a list of them", _int_or_list),
+    "attention_head_dim": ("a positive integer or a list of them", _int_or_list),
+    "num_attention_heads": ("a positive integer or a list of them", lambda v: v is None or _int_or_list(v)),
+    "time_embedding_dim": ("a positive integer or null", lambda v: v is None or _pos_int(v)),
+    "time_cond_proj_dim": ("a positive integer or null", lambda v: v is None or _pos_int(v)),
+    "use_linear_projection": ("true or false", lambda v: isinstance(v, bool)),
+    "mid_block_type": ("a block type name or null", lambda v: v is None or isinstance(v, str)),
+}
+
+
 def _checked_config(config: Any, where: str) -> dict[str, Any]:
-    """A diffusers UNet config as far as unetkit reads it: an object whose block_out_channels are positive ints."""
+    """A diffusers UNet config as far as unetkit reads it: an object whose block_out_channels are positive ints,
+    whose block type lists match them, and whose other fields are of the kind ``CONFIG_FIELDS`` says."""
     if not isinstance(config, dict):
         raise ModelDetectionError(f"{where}: a UNet config must be a JSON object, found {type(config).__name__}")
     channels = config.get("block_out_channels")
-    if (
-        not isinstance(channels, list)
-        or not channels
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)
-    ):
+    if not isinstance(channels, list) or not channels or not all(_pos_int(c) for c in channels):
         raise ModelDetectionError(
             f"{where}: block_out_channels must be a list of positive integers, found "
             f"{channels!r}; is this a diffusers UNet config?"
         )
+    problems = []
+    for key in ("down_block_types", "up_block_types"):
+        value = config.get(key)
+        if value is not None and not (
+            isinstance(value, list) and len(value) == len(channels) and all(isinstance(t, str) for t in value)
+        ):
+            problems.append(f"{key} must list {len(channels)} block type names, found {value!r}")
+    for key, (what, ok) in CONFIG_FIELDS.items():
+        if key in config and not ok(config[key]):
+            problems.append(f"{key} must be {what}, found {config[key]!r}")
+    for key in ("transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+        value = config.get(key)
+        if isinstance(value, list) and len(value) != len(channels):
+            problems.append(f"{key} lists {len(value)} values for {len(channels)} blocks")
+    if problems:
+        raise ModelDetectionError(f"{where}: " + "; ".join(problems))
     return config
 
 

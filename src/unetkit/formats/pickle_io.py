@@ -6,6 +6,7 @@ checkpoints) are unwrapped; other top-level objects (``global_step``, optimizer 
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -33,13 +34,26 @@ def read_pickle(path: Path) -> Checkpoint:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        # torch's weights-only unpickler says the same for a pickle that would run code and for a damaged one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FormatError(
-            f"{path}: refused: this pickle needs to run code to load ({first}). unetkit loads pickles with "
-            "torch.load(weights_only=True) and never executes pickled code. Use a .safetensors release of this "
-            "model, or re-save the weights as a plain state dict where you trust the file."
+            f"{path}: refused: this pickle needs to run code to load, or is damaged ({first}). unetkit loads "
+            "pickles with torch.load(weights_only=True) and never executes pickled code. Use a .safetensors "
+            "release of this model, or re-save the weights as a plain state dict where you trust the file."
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        IndexError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        struct.error,
+        MemoryError,
+    ) as e:  # what torch's weights-only unpickler raises on damage
         raise FormatError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
     non_tensors: dict[str, str] = {}
     for _ in range(3):  # unwrap nesting such as {"state_dict": {...}, "global_step": 10}
