@@ -142,3 +142,82 @@ def test_hash_cache_sees_a_rewrite_with_the_mtime_restored(src, tmp_path):
     os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back, as a user can
     second = convert(model, tmp_path / "b", to="diffusers")
     assert not second.source_sha256_cached and second.source_sha256 != first.source_sha256
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 5 MiB tmpfs, where the machine lets the test mount one (root in a container that allows it)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or done.returncode})")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(src, small_disk, kind):
+    from unetkit.gguf_export import quantize_file
+
+    out = small_disk / f"o.{kind}"
+    with pytest.raises(OutputError, match=r"the disk is full"):
+        if kind == "gguf":
+            quantize_file(src, out, "gguf:F16")
+        else:
+            convert(src, out, to="ldm")
+    assert not out.exists() and no_temp_files(small_disk)
+
+
+SLOW_QUANTIZE = """
+import sys, time
+import unetkit.gguf_export as ge
+real = ge._producer
+def slow(*a, **k):
+    produce = real(*a, **k)
+    def later():
+        time.sleep(0.05)
+        return produce()
+    return later
+ge._producer = slow
+print("started", flush=True)
+ge.quantize_file(sys.argv[1], sys.argv[2], "gguf:Q8_0", workers=0)
+"""
+
+
+def test_sigterm_mid_quantize_leaves_no_temp_file(src, tmp_path):
+    out = tmp_path / "o.gguf"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SLOW_QUANTIZE), str(src), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    deadline = time.time() + 60
+    while not any(TMP_MARK in p.name for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not out.exists() and no_temp_files(tmp_path)
+
+
+def test_two_concurrent_writers_to_one_output_leave_one_whole_file(src, tmp_path):
+    from unetkit.formats import read
+
+    out = tmp_path / "o.safetensors"
+    script = SLOW_CONVERT.replace('dtype="fp16")', 'dtype="fp16", force=True)')
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(script), str(src), str(out)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    assert len(read(out).entries) == len(read(src).entries) and no_temp_files(tmp_path)
