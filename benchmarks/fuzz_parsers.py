@@ -52,6 +52,9 @@ def main() -> int:
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
     from fuzz.targets import TARGETS, Seeds
 
+    from unetkit._quiet import quiet_third_party
+
+    quiet_third_party()
     seed_dir = ROOT / "bench_out" / "fuzz_seeds"
     if not (seed_dir / "seed.ckpt").exists():
         seed_dir.mkdir(parents=True, exist_ok=True)

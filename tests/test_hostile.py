@@ -335,3 +335,22 @@ def test_a_zip_checkpoint_with_a_short_data_entry_is_refused(tmp_path):
             zout.writestr(info, data[:100] if info.filename.endswith("/data/0") else data)
     with pytest.raises(FormatError, match="not a readable PyTorch checkpoint"):
         read(tmp_path / "short.ckpt")
+
+
+def test_a_damaged_type_id_in_unetkit_s_own_gguf_is_refused(folder, tmp_path):
+    from unetkit.formats.gguf import read_header
+    from unetkit.gguf_export import quantize_file
+
+    out = quantize_file(folder / "m.safetensors", tmp_path / "q.gguf", "gguf:Q8_0").output
+    raw = bytearray(Path(out).read_bytes())
+    _, infos = read_header(Path(out))
+    bias = next(i for i in infos if i.name == "out.2.bias")  # a 1-D F32 tensor
+    name = bias.name.encode()
+    at = raw.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", raw, at)[0]
+    type_at = at + 4 + 8 * n_dims
+    assert struct.unpack_from("<I", raw, type_at)[0] == 0  # F32
+    struct.pack_into("<I", raw, type_at, 1)  # F16: half the bytes, still inside the file
+    p = write(tmp_path / "damaged.gguf", bytes(raw))
+    with pytest.raises(FormatError, match="stored as F16, but the file records F32"):
+        read(p)

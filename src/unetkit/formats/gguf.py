@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from unetkit.errors import FormatError, QuantError
 from unetkit.formats.base import Checkpoint, TensorEntry
-from unetkit.formats.validate import check_ranges, regular_file
+from unetkit.formats.validate import check_ranges, load_json, regular_file
+from unetkit.provenance import DECISIONS, LDM_PREFIX
 from unetkit.quant.gguf.qtypes import QType, qtype_by_id
 from unetkit.shapes import numel
 
@@ -208,6 +209,7 @@ def read_gguf(path: Path) -> Checkpoint:
             orig_shapes[key[len(ORIG_SHAPE_KEY) :]] = tuple(value)
         else:
             metadata[key] = value if isinstance(value, str) else str(value)
+    _check_recorded_types(path, metadata, infos)
     data = _LazyMap(path)
     entries: dict[str, TensorEntry] = {}
     for info in infos:
@@ -240,6 +242,22 @@ def read_gguf(path: Path) -> Checkpoint:
                 stored_shape=info.shape,
             )
     return Checkpoint(path=path, format="gguf", entries=entries, metadata=metadata, files=(path,))
+
+
+def _check_recorded_types(path: Path, metadata: dict[str, str], infos: list[TensorInfo]) -> None:
+    """unetkit's own files record every tensor's qtype (``unetkit.decisions``): a tensor info whose type id says
+    otherwise was damaged after writing (a norm bias read as Q5_1 decodes to values near 4000), so it is refused."""
+    raw = metadata.get(DECISIONS)
+    if raw is None:
+        return
+    decisions = load_json(raw, str(path), what=DECISIONS)
+    for info in infos:
+        recorded = decisions.get(info.name.removeprefix(LDM_PREFIX))
+        if isinstance(recorded, list) and recorded and recorded[0] != info.qtype.name:
+            raise FormatError(
+                f"{path}: tensor {info.name!r} is stored as {info.qtype.name}, but the file records {recorded[0]} "
+                f"for it ({DECISIONS}): its type id was damaged after writing"
+            )
 
 
 class _LazyMap:
