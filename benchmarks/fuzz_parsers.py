@@ -51,7 +51,6 @@ def main() -> int:
     args = ap.parse_args()
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "src")]
     from fuzz.targets import TARGETS, Seeds
-
     from unetkit._quiet import quiet_third_party
 
     quiet_third_party()

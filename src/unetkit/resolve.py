@@ -205,7 +205,7 @@ def _pos_int(v: Any) -> bool:
 
 
 def _int_or_list(v: Any) -> bool:
-    return _pos_int(v) or (isinstance(v, list) and bool(v) and all(_pos_int(x) for x in v))
+    return _pos_int(v) or (isinstance(v, (list, tuple)) and bool(v) and all(_pos_int(x) for x in v))
 
 
 #: the config fields unetkit reads, and what each must be (a value of another kind is an error naming the field)
@@ -232,7 +232,7 @@ def _checked_config(config: Any, where: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ModelDetectionError(f"{where}: a UNet config must be a JSON object, found {type(config).__name__}")
     channels = config.get("block_out_channels")
-    if not isinstance(channels, list) or not channels or not all(_pos_int(c) for c in channels):
+    if not isinstance(channels, (list, tuple)) or not channels or not all(_pos_int(c) for c in channels):
         raise ModelDetectionError(
             f"{where}: block_out_channels must be a list of positive integers, found "
             f"{channels!r}; is this a diffusers UNet config?"
@@ -240,8 +240,8 @@ def _checked_config(config: Any, where: str) -> dict[str, Any]:
     problems = []
     for key in ("down_block_types", "up_block_types"):
         value = config.get(key)
-        if value is not None and not (
-            isinstance(value, list) and len(value) == len(channels) and all(isinstance(t, str) for t in value)
+        if not (
+            isinstance(value, (list, tuple)) and len(value) == len(channels) and all(isinstance(t, str) for t in value)
         ):
             problems.append(f"{key} must list {len(channels)} block type names, found {value!r}")
     for key, (what, ok) in CONFIG_FIELDS.items():
@@ -249,7 +249,7 @@ def _checked_config(config: Any, where: str) -> dict[str, Any]:
             problems.append(f"{key} must be {what}, found {config[key]!r}")
     for key in ("transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
         value = config.get(key)
-        if isinstance(value, list) and len(value) != len(channels):
+        if isinstance(value, (list, tuple)) and len(value) != len(channels):
             problems.append(f"{key} lists {len(value)} values for {len(channels)} blocks")
     if problems:
         raise ModelDetectionError(f"{where}: " + "; ".join(problems))

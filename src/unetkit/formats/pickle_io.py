@@ -23,7 +23,10 @@ NESTED_KEYS = ("state_dict", "model", "module")
 def read_pickle(path: Path) -> Checkpoint:
     path = Path(path)
     regular_file(path, "PyTorch checkpoint")
-    mmap = zipfile.is_zipfile(path)  # torch can memory-map only the zip format (torch >= 1.6 files)
+    try:
+        mmap = zipfile.is_zipfile(path)  # torch can memory-map only the zip format (torch >= 1.6 files)
+    except zipfile.BadZipFile as e:  # is_zipfile itself raises on some damaged end records
+        raise FormatError(f"{path}: not a readable PyTorch checkpoint (a damaged zip archive: {e})") from e
     with open(path, "rb") as f:
         head = f.read(2)
     if not mmap and not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
