@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -354,3 +355,14 @@ def test_a_damaged_type_id_in_unetkit_s_own_gguf_is_refused(folder, tmp_path):
     p = write(tmp_path / "damaged.gguf", bytes(raw))
     with pytest.raises(FormatError, match="stored as F16, but the file records F32"):
         read(p)
+
+
+def test_gguf_array_of_a_million_empty_strings_is_refused_fast(tmp_path):
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1)
+    key = b"tokens"
+    body = struct.pack("<Q", len(key)) + key + struct.pack("<IIQ", 9, 8, 1_000_000) + struct.pack("<Q", 0) * 1_000_000
+    p = write(tmp_path / "s.gguf", head + body)
+    t0 = time.perf_counter()
+    with pytest.raises(FormatError, match="array length"):
+        read(p)
+    assert time.perf_counter() - t0 < 2

@@ -221,3 +221,22 @@ def test_two_concurrent_writers_to_one_output_leave_one_whole_file(src, tmp_path
     for p in procs:
         assert p.wait(timeout=120) == 0
     assert len(read(out).entries) == len(read(src).entries) and no_temp_files(tmp_path)
+
+
+def test_force_never_replaces_a_folder_with_a_file_or_the_reverse(src, tmp_path):
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="does not replace a folder with a file"):
+        convert(src, folder, to="ldm", force=True)
+    assert (folder / "keep.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(OutputExistsError, match="does not replace a file with a folder"):
+        convert(src, afile, to="diffusers", force=True)
+    assert afile.read_text() == "mine"
+
+
+def test_quiet_and_verbose_work_after_the_command(src, capsys):
+    assert main(["inspect", str(src), "--no-scan", "-q", "-v"]) == 0
+    assert "sd1.x" in capsys.readouterr().out

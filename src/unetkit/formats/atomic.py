@@ -47,6 +47,22 @@ def check_output(path: Path, force: bool, inputs: Iterable[str | Path] = ()) -> 
         raise OutputExistsError(f"{path}: already exists; pass --force (force=True) to replace it")
 
 
+def check_kind(path: Path, directory: bool) -> None:
+    """--force replaces a file with a file and a folder with a folder, never one with the other: a folder given
+    where a file is written (or the reverse) is most likely a mistake, and replacing it would delete its contents."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise OutputExistsError(
+            f"{path}: is a file, and this output is a folder; --force does not replace a file "
+            "with a folder: remove it yourself or choose another path"
+        )
+    if not directory and path.is_dir():
+        raise OutputExistsError(
+            f"{path}: is a folder, and this output is a file; --force does not replace a "
+            "folder with a file: remove it yourself or choose another path"
+        )
+
+
 def check_writable(path: Path) -> None:
     """Fail now, not after minutes of work, when ``path``'s folder cannot take a new file."""
     parent = Path(path).parent
@@ -70,6 +86,7 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
     move it to ``path`` (replacing an existing one only when ``force``), on failure delete it."""
     path = Path(path)
     check_output(path, force)
+    check_kind(path, directory)
     tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         with _os_errors(path), _signals_raise():
@@ -79,6 +96,7 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
                 tmp.mkdir()
             yield tmp
             check_output(path, force)
+            check_kind(path, directory)
             if path.exists() and (directory or path.is_dir()):
                 old = path.parent / f".{path.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.replace(path, old)
