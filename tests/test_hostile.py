@@ -366,3 +366,23 @@ def test_gguf_array_of_a_million_empty_strings_is_refused_fast(tmp_path):
     with pytest.raises(FormatError, match="array length"):
         read(p)
     assert time.perf_counter() - t0 < 2
+
+
+def test_a_recorded_config_that_disagrees_with_the_tensors_is_refused(folder, tmp_path):
+    unet = copy_folder(folder, tmp_path)
+    from unetkit.formats.safetensors_io import read_header
+
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    hlen, head = read_header(weights)
+    stored = json.loads(head["__metadata__"]["unetkit.config"])
+    stored["block_out_channels"] = [32, 64, 128, 256]  # the last level wider than the tensors
+    head["__metadata__"]["unetkit.config"] = json.dumps(stored)
+    new = json.dumps(head, separators=(",", ":")).encode()
+    assert len(new) <= hlen
+    weights.write_bytes(bytes(raw[:8]) + new + b" " * (hlen - len(new)) + bytes(raw[8 + hlen :]))
+    cfg = json.loads((unet / "config.json").read_text())
+    cfg["block_out_channels"] = stored["block_out_channels"]  # config.json agrees with the stored config
+    (unet / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnetkitError, match="wrong shape"):
+        open_unet(unet)

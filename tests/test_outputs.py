@@ -240,3 +240,41 @@ def test_force_never_replaces_a_folder_with_a_file_or_the_reverse(src, tmp_path)
 def test_quiet_and_verbose_work_after_the_command(src, capsys):
     assert main(["inspect", str(src), "--no-scan", "-q", "-v"]) == 0
     assert "sd1.x" in capsys.readouterr().out
+
+
+def test_a_read_only_mount_fails_before_the_work_and_on_write(src, tmp_path, capsys):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({done.stderr.decode().strip() or done.returncode})")
+    try:
+        assert main(["verify", str(src), str(src), "--json", str(mnt / "r.json"), "-q"]) == 2
+        assert "not writable" in capsys.readouterr().err
+        with pytest.raises(OutputError, match=r"cannot write the output: .*\(EROFS\)"):
+            convert(src, mnt / "o.safetensors", to="ldm")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_after_sigkill_mid_quantize_the_next_run_collects_the_temp_file(src, tmp_path):
+    from unetkit.gguf_export import quantize_file
+
+    out = tmp_path / "o.gguf"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(SLOW_QUANTIZE), str(src), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
+    deadline = time.time() + 60
+    while not any(TMP_MARK in p.name for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists() and not no_temp_files(tmp_path)
+    quantize_file(src, out, "gguf:Q8_0")
+    assert out.exists() and no_temp_files(tmp_path)
