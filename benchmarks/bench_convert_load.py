@@ -193,82 +193,29 @@ def main() -> None:
             return "-"
         return f"{r[k]['median_s'] / r[base]['median_s']:.2f}x"
 
+    def row(label: str, key: str, base: str, goal: str = "") -> list[str]:
+        return [label, fmt_s(r[key]), ratio(key, base) if key != base else "1.00x", rss(key), goal]
+
     conv = [
         ["`cp` (reference)", fmt_s(r["cp"]), "1.00x", "-", "-"],
-        [
-            "unetkit convert --to diffusers, first run (source sha256 computed)",
-            fmt_s(r["unetkit_convert_diffusers"]),
-            ratio("unetkit_convert_diffusers", "cp"),
-            rss("unetkit_convert_diffusers"),
-            "<= 1.3x cp, <= 0.5 GB",
-        ],
-        [
-            "unetkit convert --to diffusers, later run (sha256 remembered)",
-            fmt_s(r["unetkit_convert_cached"]),
-            ratio("unetkit_convert_cached", "cp"),
-            rss("unetkit_convert_cached"),
-            "<= 1.3x cp, <= 0.5 GB",
-        ],
-        [
-            "`unetkit convert --to diffusers` (whole CLI process, first run)",
-            fmt_s(r["unetkit_cli_convert"]),
-            ratio("unetkit_cli_convert", "cp"),
-            rss("unetkit_cli_convert"),
-            "<= 0.5 GB",
-        ],
-        [
-            "diffusers from_single_file + save_pretrained",
-            fmt_s(r["diffusers_convert"]),
-            ratio("diffusers_convert", "cp"),
-            rss("diffusers_convert"),
-            "",
-        ],
-        [
-            "unetkit convert --to diffusers --dtype fp16",
-            fmt_s(r["unetkit_convert_fp16"]),
-            ratio("unetkit_convert_fp16", "cp"),
-            rss("unetkit_convert_fp16"),
-            "recorded",
-        ],
-    ]
+        row("unetkit convert --to diffusers, first run (source sha256 computed)", "unetkit_convert_diffusers", "cp",
+            "<= 1.3x cp, <= 0.5 GB"),
+        row("unetkit convert --to diffusers, later run (sha256 remembered)", "unetkit_convert_cached", "cp",
+            "<= 1.3x cp, <= 0.5 GB"),
+        row("`unetkit convert --to diffusers` (whole CLI process, first run)", "unetkit_cli_convert", "cp",
+            "<= 0.5 GB"),
+        row("diffusers from_single_file + save_pretrained", "diffusers_convert", "cp"),
+        row("unetkit convert --to diffusers --dtype fp16", "unetkit_convert_fp16", "cp", "recorded"),
+    ]  # fmt: skip
     load = [
-        ["safetensors load_file (lazy mmap, pages not touched)", fmt_s(r["load_file"]), "1.00x", rss("load_file"), ""],
-        [
-            "safetensors load_file + touch every page",
-            fmt_s(r["load_file_touch"]),
-            ratio("load_file_touch", "load_file"),
-            rss("load_file_touch"),
-            "",
-        ],
-        [
-            "unetkit load_unet -> ready UNet2DConditionModel (default align=True)",
-            fmt_s(r["load_unet"]),
-            ratio("load_unet", "load_file"),
-            rss("load_unet"),
-            "<= 1.3x load_file; < from_single_file",
-        ],
-        [
-            "unetkit load_unet(align=False): zero-copy like diffusers",
-            fmt_s(r["load_unet_noalign"]),
-            ratio("load_unet_noalign", "load_file"),
-            rss("load_unet_noalign"),
-            "",
-        ],
-        [
-            "unetkit load_unet of a unetkit-written LDM file (aligned: zero-copy)",
-            fmt_s(r["load_unet_own_file"]),
-            ratio("load_unet_own_file", "load_file"),
-            rss("load_unet_own_file"),
-            "",
-        ],
-        [
-            "diffusers from_single_file (local config)",
-            fmt_s(r["from_single_file"]),
-            ratio("from_single_file", "load_file"),
-            rss("from_single_file"),
-            "",
-        ],
-    ]
+        row("safetensors load_file (lazy mmap, pages not touched)", "load_file", "load_file"),
+        row("safetensors load_file + touch every page", "load_file_touch", "load_file"),
+        row("unetkit load_unet -> ready UNet2DConditionModel (default align=True)", "load_unet", "load_file",
+            "<= 1.3x load_file; < from_single_file"),
+        row("unetkit load_unet(align=False): zero-copy like diffusers", "load_unet_noalign", "load_file"),
+        row("unetkit load_unet of a unetkit-written LDM file (aligned: zero-copy)", "load_unet_own_file", "load_file"),
+        row("diffusers from_single_file (local config)", "from_single_file", "load_file"),
+    ]  # fmt: skip
     text = (
         markdown(
             conv,

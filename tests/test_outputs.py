@@ -88,12 +88,10 @@ convert(sys.argv[1], sys.argv[2], to="ldm", dtype="fp16")
 """
 
 
-def _start_slow_convert(src: Path, out: Path) -> subprocess.Popen:
+def _start_slow(script: str, src: Path, out: Path) -> subprocess.Popen:
+    """Run ``script`` (a slowed-down writer) in a child and return once its temporary output exists."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_CONVERT), str(src), str(out)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
+        [sys.executable, "-c", textwrap.dedent(script), str(src), str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
     deadline = time.time() + 60
@@ -106,7 +104,7 @@ def _start_slow_convert(src: Path, out: Path) -> subprocess.Popen:
 
 def test_sigterm_mid_write_leaves_no_temp_file(src, tmp_path):
     out = tmp_path / "o.safetensors"
-    proc = _start_slow_convert(src, out)
+    proc = _start_slow(SLOW_CONVERT, src, out)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert not out.exists() and no_temp_files(tmp_path)
@@ -114,7 +112,7 @@ def test_sigterm_mid_write_leaves_no_temp_file(src, tmp_path):
 
 def test_after_sigkill_the_next_run_collects_the_temp_file(src, tmp_path, caplog):
     out = tmp_path / "o.safetensors"
-    proc = _start_slow_convert(src, out)
+    proc = _start_slow(SLOW_CONVERT, src, out)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     left = [p for p in tmp_path.iterdir() if TMP_MARK in p.name]
@@ -187,18 +185,7 @@ ge.quantize_file(sys.argv[1], sys.argv[2], "gguf:Q8_0", workers=0)
 
 def test_sigterm_mid_quantize_leaves_no_temp_file(src, tmp_path):
     out = tmp_path / "o.gguf"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_QUANTIZE), str(src), str(out)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-    deadline = time.time() + 60
-    while not any(TMP_MARK in p.name for p in tmp_path.iterdir()):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    time.sleep(0.3)
+    proc = _start_slow(SLOW_QUANTIZE, src, out)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) != 0
     assert not out.exists() and no_temp_files(tmp_path)
@@ -261,18 +248,7 @@ def test_after_sigkill_mid_quantize_the_next_run_collects_the_temp_file(src, tmp
     from unetkit.gguf_export import quantize_file
 
     out = tmp_path / "o.gguf"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_QUANTIZE), str(src), str(out)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
-    deadline = time.time() + 60
-    while not any(TMP_MARK in p.name for p in tmp_path.iterdir()):
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.02)
-    time.sleep(0.3)
+    proc = _start_slow(SLOW_QUANTIZE, src, out)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not out.exists() and not no_temp_files(tmp_path)

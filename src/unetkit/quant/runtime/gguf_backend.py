@@ -107,21 +107,6 @@ def swap_module(
     return new
 
 
-def _attach(
-    model: nn.Module,
-    module_name: str,
-    packed: torch.Tensor,
-    qtype: str,
-    shape: tuple[int, ...],
-    stored_shape: tuple[int, ...],
-    bias: torch.Tensor | None,
-) -> None:
-    swap_module(model, module_name, packed, qtype, shape, stored_shape, bias)
-    if not getattr(model, "_unetkit_gguf_hook", False):
-        model.register_forward_hook(release_buffers)  # the per-layer decode buffer does not outlive a forward
-        setattr(model, "_unetkit_gguf_hook", True)  # noqa: B010 (a plain attribute, not a submodule)
-
-
 class GGUFBackend:
     """GGUF blocks kept packed in memory and decoded in forward, behind the same interface as torchao and quanto.
 
@@ -163,8 +148,12 @@ class GGUFBackend:
         stored_shape: tuple[int, ...],
         bias: torch.Tensor | None,
     ) -> None:
-        """Replace ``model.<module_name>`` (Linear or Conv2d, possibly on meta) by its on-the-fly twin."""
-        _attach(model, module_name, packed, qtype, tuple(shape), tuple(stored_shape), bias)
+        """Replace ``model.<module_name>`` (Linear or Conv2d, possibly on meta) by its on-the-fly twin; the first
+        attach also hooks the model so that the per-layer decode buffer does not outlive a forward."""
+        swap_module(model, module_name, packed, qtype, tuple(shape), tuple(stored_shape), bias)
+        if not getattr(model, "_unetkit_gguf_hook", False):
+            model.register_forward_hook(release_buffers)
+            setattr(model, "_unetkit_gguf_hook", True)  # noqa: B010 (a plain attribute, not a submodule)
 
     def apply(self, unet: nn.Module, scheme: str, candidates: list[Candidate]) -> list[ModuleDecision]:
         from unetkit.quant.gguf import quantize
@@ -185,7 +174,9 @@ class GGUFBackend:
             packed = quantize(w.float().reshape(dec.stored_shape), scheme, name=c.name + ".weight")
             bias = module.bias.detach() if module.bias is not None else None
             decision = c.decision(True, ((c.reason + "; ") if c.reason else "") + dec.reason)
-            _attach(unet, c.name, packed.reshape(-1, packed.shape[-1]), scheme, tuple(w.shape), dec.stored_shape, bias)
+            self.attach(
+                unet, c.name, packed.reshape(-1, packed.shape[-1]), scheme, tuple(w.shape), dec.stored_shape, bias
+            )
             decisions.append(decision)
         return decisions
 
