@@ -2,9 +2,10 @@
 
 A family declares everything that differs between model families and that the rest of unetkit needs: how to
 recognise its tensors, the config values its weights cannot tell, how to infer the rest from names and shapes, its
-extra key pairs, its sensitive modules, its example inputs, its GGUF architecture string and its prediction-type
-default. Nothing outside ``families/`` branches on a family's name: spec, key map, GGUF policy, runtime backends,
-verify and the example inputs ask the family.
+sensitive modules, its example inputs, its GGUF architecture string and its prediction-type default. (SD1.x and
+SD2.x share the key table exactly; a family with keys of its own, SDXL's ``label_emb`` <-> ``add_embedding``, adds
+them with its topology.) Nothing outside ``families/`` branches on a family's name: spec, key map, GGUF policy,
+runtime backends, verify and the example inputs ask the family.
 
 A family is frozen data plus a few methods; ``families/sd1.py`` and ``families/sd2.py`` are the examples.
 """
@@ -54,8 +55,6 @@ class Family:
     sample_size: int  # the default latent size (not stored in weights)
     variants_by_in_channels: Mapping[int, str] = field(default_factory=lambda: dict(SD_VARIANTS_BY_IN_CHANNELS))
     sensitive: tuple[tuple[str, str], ...] = SD_SENSITIVE
-    #: (ldm_key, diffusers_key) pairs beyond the shared table (SDXL's label_emb <-> add_embedding, say)
-    extra_pairs: tuple[tuple[str, str], ...] = ()
     max_transformer_depth: int = 1
 
     # ------------------------------------------------------------------------------------------- detection
