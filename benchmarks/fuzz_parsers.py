@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHILD = r"""
-import json, random, sys, tempfile, time, traceback, resource
+import json, random, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from fuzz.targets import TARGETS, Seeds, run
