@@ -254,3 +254,20 @@ def test_after_sigkill_mid_quantize_the_next_run_collects_the_temp_file(src, tmp
     assert not out.exists() and not no_temp_files(tmp_path)
     quantize_file(src, out, "gguf:Q8_0")
     assert out.exists() and no_temp_files(tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed SystemExit
+def test_a_sigterm_swallowed_by_a_finalizer_still_commits_nothing(tmp_path):
+    """Python ignores an exception raised while a ``__del__`` runs; the writer must not commit after such a SIGTERM."""
+    from unetkit.formats.atomic import atomic_output
+
+    class Dropped:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs, and raises, inside this finalizer
+            time.sleep(0.05)
+
+    out = tmp_path / "o.bin"
+    with pytest.raises(SystemExit), atomic_output(out) as tmp:
+        tmp.write_bytes(b"partial")
+        Dropped()  # finalized at once: its SystemExit is printed as ignored, and the write goes on
+    assert not out.exists() and no_temp_files(tmp_path)

@@ -89,12 +89,14 @@ def atomic_output(path: Path, force: bool = False, directory: bool = False) -> I
     check_kind(path, directory)
     tmp = path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with _os_errors(path), _signals_raise():
+        with _os_errors(path), _signals_raise() as terminated:
             path.parent.mkdir(parents=True, exist_ok=True)
             collect_stale(path)
             if directory:
                 tmp.mkdir()
             yield tmp
+            if terminated:  # the handler's SystemExit can be swallowed (raised inside a finalizer): never commit
+                raise SystemExit(128 + signal.SIGTERM)
             check_output(path, force)
             check_kind(path, directory)
             if path.exists() and (directory or path.is_dir()):
@@ -152,20 +154,24 @@ def _os_errors(path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
+def _signals_raise() -> Iterator[list[int]]:
     """SIGTERM raises SystemExit in the main thread while an output is written, so the temporary is removed as it
-    is on Ctrl-C (KeyboardInterrupt); the previous handler is restored afterwards."""
+    is on Ctrl-C (KeyboardInterrupt); the previous handler is restored afterwards. The yielded list is non-empty
+    once a SIGTERM arrived: Python swallows an exception raised while the main thread runs a finalizer (``__del__``,
+    a weakref callback), so the caller checks it again before committing."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: object) -> None:
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
 
