@@ -41,7 +41,8 @@ def test_full_size_configs_are_complete_and_cost_nothing_on_meta(variant):
     assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert set(KeyMap.for_topology(Topology.from_config(cfg)).diffusers_to_ldm) == set(model.state_dict())
     assert variant_of(cfg) == variant
-    assert model.config.block_out_channels in ([320, 640, 1280, 1280], (320, 640, 1280, 1280))
+    widths = {"sdxl": [320, 640, 1280], "sdxl-inpainting": [320, 640, 1280], "sdxl-refiner": [384, 768, 1536, 1536]}
+    assert list(model.config.block_out_channels) == widths.get(variant, [320, 640, 1280, 1280])
 
 
 def test_full_size_parameter_counts():

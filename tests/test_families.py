@@ -12,6 +12,7 @@ from unetkit import families
 from unetkit.errors import ModelDetectionError
 from unetkit.keymap import Topology
 from unetkit.resolve import open_unet
+from unetkit.sample import unet_config
 from unetkit.spec import clean_config, infer_config
 
 FULL_SD2 = dict(
@@ -23,11 +24,12 @@ FULL_SD2 = dict(
 )
 #: config -> (family, variant), at tiny and full size (full size on the meta device)
 CASES = {
-    **{f"tiny-{v}": (tiny_config(v), v.split(".")[0], v) for v in VARIANTS},
+    **{f"tiny-{v}": (tiny_config(v), v.split(".")[0].split("-")[0], v) for v in VARIANTS},
     "full-sd15": (FULL_SD15, "sd1", "sd1.x"),
     "full-sd15-lcm": ({**FULL_SD15, "time_cond_proj_dim": 256}, "sd1", "sd1.x-lcm"),
     "full-sd2": (FULL_SD2, "sd2", "sd2.x"),
     "full-sd2-depth": ({**FULL_SD2, "in_channels": 5}, "sd2", "sd2.x-depth"),
+    **{f"full-{v}": (unet_config(v, "full"), "sdxl", v) for v in ("sdxl", "sdxl-refiner", "sdxl-inpainting")},
 }
 
 
@@ -70,13 +72,15 @@ def test_sensitive_modules_come_from_the_family():
     for family in families.FAMILIES:
         for module in ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.cond_proj"):
             assert family.sensitive_reason(module), (family.name, module)
+        assert bool(family.sensitive_reason("add_embedding.linear_1")) == (family.name == "sdxl")
         for module in ("down_blocks.0.resnets.0.conv1", "mid_block.attentions.0.proj_in"):
             assert family.sensitive_reason(module) is None
 
 
 def test_gguf_architecture_is_the_one_comfyui_gguf_accepts():
-    # ComfyUI-GGUF's loader accepts "sd1" for SD1 and SD2 alike (its IMG_ARCH_LIST has no "sd2")
-    assert {f.name: f.gguf_architecture for f in families.FAMILIES} == {"sd1": "sd1", "sd2": "sd1"}
+    # ComfyUI-GGUF's loader accepts "sd1" for SD1 and SD2 alike (its IMG_ARCH_LIST has no "sd2"), and "sdxl"
+    archs = {f.name: f.gguf_architecture for f in families.FAMILIES}
+    assert archs == {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}
 
 
 def test_sd_families_refuse_deep_transformer_stacks():
@@ -95,10 +99,10 @@ def test_topology_reads_deep_stacks_from_names():
 
 
 def test_unknown_family_and_config_are_clear_errors():
-    with pytest.raises(ModelDetectionError, match="unknown model family 'sdxl'"):
-        families.named("sdxl")
+    with pytest.raises(ModelDetectionError, match="unknown model family 'sd3'"):
+        families.named("sd3")
     with pytest.raises(ModelDetectionError, match="no UNet of a known family"):
-        families.for_config({**FULL_SD15, "addition_embed_type": "text_time"})
+        families.for_config({**FULL_SD15, "addition_embed_type": "image"})
 
 
 def test_the_spec_records_the_family(tmp_path):

@@ -1,8 +1,9 @@
 """Seeded sample UNets and example inputs: the one builder the tests, ``make demo`` and the benchmarks share.
 
 * :func:`unet_config` -- a complete diffusers config for a variant (``sd1.x``, ``sd1.x-inpainting``, ``sd1.x-pix2pix``,
-  ``sd1.x-lcm``, ``sd2.x``) at ``tiny`` size (SD1.5's topology with channels 32, 64, 128, 128: the exact key names
-  of the real thing, built in milliseconds) or ``full`` size (the real architecture: 860M parameters).
+  ``sd1.x-lcm``, ``sd2.x``, ``sdxl``, ``sdxl-inpainting``, ``sdxl-refiner``) at ``tiny`` size (the family's topology
+  with channels 32, 64, 128(, 128): the exact key names of the real thing, built in milliseconds) or ``full`` size
+  (the real architecture: 860M parameters for SD1.x, 2.57B for SDXL).
 * :func:`build_unet` -- a ``UNet2DConditionModel`` with seeded random weights (every weight random: diffusers
   zero-inits some layers, random ones make tests sharper). On ``device="meta"`` it costs nothing.
 * :func:`write_ldm_checkpoint` -- the same weights written as an original (LDM) single-file ``.safetensors``,
@@ -41,6 +42,24 @@ BASE: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: what every SDXL-shaped variant changes (the widths, depths and context come per size)
+_SDXL: dict[str, Any] = dict(
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 1280 pooled text + 6 time ids x 256
+    sample_size=128,
+    upcast_attention=False,
+)
+_REFINER: dict[str, Any] = dict(
+    _SDXL,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    projection_class_embeddings_input_dim=2560,  # 1280 pooled text + 5 time ids x 256
+)
+
 #: per size: variant name -> what it changes in BASE
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
@@ -55,6 +74,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 96,
             "upcast_attention": False,
         },
+        # SDXL's topology (three levels, no attention in the first, stacks of 2 and 3 standing in for 2 and 10, the
+        # add embedding's real 2816 inputs) at tiny width; heads as SDXL's 64-channel rule gives at these widths
+        "sdxl": {**_SDXL, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
+                 "transformer_layers_per_block": [1, 2, 3], "cross_attention_dim": 64},
+        "sdxl-inpainting": {**_SDXL, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
+                            "transformer_layers_per_block": [1, 2, 3], "cross_attention_dim": 64, "in_channels": 9},
+        "sdxl-refiner": {**_REFINER, "block_out_channels": [32, 64, 128, 128], "attention_head_dim": [1, 1, 2, 2],
+                         "transformer_layers_per_block": 2, "cross_attention_dim": 80},
     },
     "full": {
         "sd1.x": {},
@@ -68,8 +95,15 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 96,
             "upcast_attention": False,
         },
+        "sdxl": {**_SDXL, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+                 "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048},
+        "sdxl-inpainting": {**_SDXL, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+                            "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "in_channels": 9},
+        "sdxl-refiner": {**_REFINER, "block_out_channels": [384, 768, 1536, 1536],
+                         "attention_head_dim": [6, 12, 24, 24], "transformer_layers_per_block": 4,
+                         "cross_attention_dim": 1280},
     },
-}
+}  # fmt: skip
 
 #: diffusers' defaults for the keys above, written out so that a config is complete without diffusers
 _DEFAULTS: dict[str, Any] = dict(

@@ -30,10 +30,6 @@ DIFFUSERS_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "ti
 #: Files that hold UNet-like names but are something else: refused by name before any layout is read.
 NOT_A_UNET = (
     (
-        ("label_emb.", "add_embedding.", "conditioner."),
-        "an SDXL UNet or checkpoint (label_emb / add_embedding present)",
-    ),
-    (
         ("lora_unet_", "lora_te_", "lora_down.", "lora_up.", ".lora_A.", ".lora_B.", ".lora.down.", ".lora.up."),
         "a LoRA (low-rank adapter weights, not a UNet: apply it to a UNet with your pipeline's LoRA loader)",
     ),
@@ -56,8 +52,8 @@ LOOKS_LIKE = (
 @dataclass
 class UNetSpec:
     layout: str  # "ldm" | "diffusers"
-    family: str  # a family's name: "sd1" | "sd2" (see unetkit.families)
-    variant: str  # e.g. "sd1.x", "sd1.x-inpainting", "sd1.x-lcm", "sd2.x"
+    family: str  # a family's name: "sd1" | "sd2" | "sdxl" (see unetkit.families)
+    variant: str  # e.g. "sd1.x", "sd1.x-inpainting", "sd1.x-lcm", "sd2.x", "sdxl", "sdxl-refiner"
     config: dict[str, Any]  # complete UNet2DConditionModel config (init arguments only)
     config_source: str  # "inferred" | "file metadata" | "config.json" | "user"
     topology: Topology
@@ -90,7 +86,7 @@ def detect_layout(names: Iterable[str], all_keys: Iterable[str] = (), where: str
     seen = list(all_keys) or names
     for markers, what in NOT_A_UNET:
         if any(m in k for k in seen for m in markers):
-            raise ModelDetectionError(f"{where}this is {what}; unetkit reads SD1.x/SD2.x UNets")
+            raise ModelDetectionError(f"{where}this is {what}; unetkit reads {families.TITLES} UNets")
     if is_ldm and is_diffusers:
         raise ModelDetectionError(f"{where}mixes LDM names (input_blocks.*) and diffusers names (down_blocks.*)")
     if is_ldm:
@@ -138,8 +134,8 @@ def build_model(config: Mapping[str, Any], device: str | torch.device = "meta") 
 
 def expected_shapes(config: Mapping[str, Any]) -> dict[str, Shape]:
     """Every state-dict key of ``UNet2DConditionModel(**config)`` with its shape (diffusers names), computed from
-    the config alone (no diffusers import, no model), for the SD1.x/2.x family. Tested equal to diffusers' own
-    model for every variant and at full size."""
+    the config alone (no diffusers import, no model), for every family (SD1.x, SD2.x, SDXL). Tested equal to
+    diffusers' own model for every variant and at full size."""
     return dict(_expected(json.dumps(clean_config(config), sort_keys=True)))
 
 
@@ -200,6 +196,9 @@ def _expected(config_json: str) -> tuple[tuple[str, Shape], ...]:
     if cfg.get("time_cond_proj_dim"):
         lin("time_embedding.cond_proj", c0, cfg["time_cond_proj_dim"], bias=False)
     lin("time_embedding.linear_2", temb, temb)
+    if topo.has_add_embedding:
+        lin("add_embedding.linear_1", temb, cfg["projection_class_embeddings_input_dim"])
+        lin("add_embedding.linear_2", temb, temb)
     down_io, up_io = resnet_channels(cfg)
     for i in range(n):
         for j, (ci, co) in enumerate(down_io[i]):

@@ -14,7 +14,7 @@ from unetkit.keymap.topology import Topology
 
 class SD1Family(Family):
     def claims(self, topo: Topology, shapes: Mapping[str, Shape]) -> bool:
-        return not uses_linear_projection(topo, shapes)
+        return not topo.has_add_embedding and not uses_linear_projection(topo, shapes)
 
     def claims_config(self, config: Mapping[str, Any]) -> bool:
         return not config.get("use_linear_projection") and not config.get("addition_embed_type")

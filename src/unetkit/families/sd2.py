@@ -15,7 +15,7 @@ from unetkit.keymap.topology import Topology
 
 class SD2Family(Family):
     def claims(self, topo: Topology, shapes: Mapping[str, Shape]) -> bool:
-        return uses_linear_projection(topo, shapes)
+        return not topo.has_add_embedding and uses_linear_projection(topo, shapes)
 
     def claims_config(self, config: Mapping[str, Any]) -> bool:
         return bool(config.get("use_linear_projection")) and not config.get("addition_embed_type")

@@ -1,4 +1,4 @@
-"""THE key table: LDM (original/CompVis) names <-> diffusers names, for SD1.x/SD2.x UNets.
+"""THE key table: LDM (original/CompVis) names <-> diffusers names, for SD1.x, SD2.x and SDXL UNets.
 
 Small leaf tables below are data. ``build_pairs`` walks a :class:`Topology` once and expands them into the
 explicit list of ``(ldm_key, diffusers_key)`` pairs; :class:`KeyMap` builds both lookup dicts from that list and
@@ -16,6 +16,9 @@ LDM block numbering (L = layers_per_block, i = block, j = layer):
     time_embed.0 / .2                        <-> time_embedding.linear_1 / linear_2
     out.0 / out.2                            <-> conv_norm_out / conv_out
     time_embedding.cond_proj (LCM)           <-> time_embedding.cond_proj
+    label_emb.0.0 / label_emb.0.2 (SDXL)     <-> add_embedding.linear_1 / linear_2
+
+Transformer stacks of any depth (SDXL: 2 and 10, the refiner 4) expand ``transformer_blocks.{t}`` per block.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ TOP_LEVEL = (
     ("input_blocks.0.0", "conv_in"),
     ("out.0", "conv_norm_out"),
     ("out.2", "conv_out"),
+)
+
+#: SDXL's "text_time" additional embedding, (ldm, diffusers): present when the topology says so.
+ADD_EMBEDDING = (
+    ("label_emb.0.0", "add_embedding.linear_1"),
+    ("label_emb.0.2", "add_embedding.linear_2"),
 )
 
 #: Inside a resnet block, (ldm, diffusers).
@@ -84,6 +93,9 @@ def build_pairs(topo: Topology) -> list[Pair]:
         pairs += _module(ldm, diffusers)
     if topo.has_cond_proj:
         pairs.append((COND_PROJ, COND_PROJ))
+    if topo.has_add_embedding:
+        for ldm, diffusers in ADD_EMBEDDING:
+            pairs += _module(ldm, diffusers)
     pairs += _module(*TOP_LEVEL[2])
     for i in range(n):
         for j in range(topo.layers_per_block):

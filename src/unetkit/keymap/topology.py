@@ -17,6 +17,9 @@ from unetkit.errors import ModelDetectionError
 #: script emits, a diffusers name under the LDM prefix) and the alias seen in some files.
 COND_PROJ = "time_embedding.cond_proj.weight"
 COND_PROJ_LDM_ALIASES = ("time_embed.cond_proj.weight",)
+#: SDXL's pooled-text + size conditioning ("text_time"): the first layer's name in each layout
+ADD_EMBEDDING_LDM = "label_emb.0.0.weight"
+ADD_EMBEDDING = "add_embedding.linear_1.weight"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Topology:
     down_shortcut: tuple[tuple[bool, ...], ...]  # per down block, per resnet: has conv_shortcut
     up_shortcut: tuple[tuple[bool, ...], ...]  # per up block, per resnet (layers_per_block + 1)
     has_cond_proj: bool = False
+    has_add_embedding: bool = False  # SDXL's label_emb <-> add_embedding (addition_embed_type "text_time")
 
     @staticmethod
     def from_config(config: Mapping[str, Any]) -> Topology:
@@ -61,6 +65,7 @@ class Topology:
             down_shortcut=tuple(down_sc),
             up_shortcut=tuple(up_sc),
             has_cond_proj=bool(config.get("time_cond_proj_dim")),
+            has_add_embedding=config.get("addition_embed_type") == "text_time",
         )
 
     @staticmethod
@@ -103,6 +108,7 @@ class Topology:
             down_shortcut=down_sc,
             up_shortcut=up_sc,
             has_cond_proj=COND_PROJ in names or any(a in names for a in COND_PROJ_LDM_ALIASES),
+            has_add_embedding=ADD_EMBEDDING_LDM in names,
         )
 
     @staticmethod
@@ -138,6 +144,7 @@ class Topology:
                 for i in range(n)
             ),
             has_cond_proj=COND_PROJ in names,
+            has_add_embedding=ADD_EMBEDDING in names,
         )
 
     def check_supported(self) -> None:
