@@ -71,7 +71,7 @@ def test_lcm_cond_proj_mapped_both_ways_with_alias():
     assert km.to_diffusers(COND_PROJ) == COND_PROJ
 
 
-@pytest.mark.parametrize("variant", ["sd1.x", "sd1.x-inpainting", "sd1.x-pix2pix", "sd1.x-lcm", "sd2.x"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_diffusers_own_converter(variant):
     """diffusers' convert_ldm_unet_checkpoint is an independent oracle for the LDM -> diffusers direction."""
     model = tiny_unet(variant)
@@ -85,6 +85,26 @@ def test_matches_diffusers_own_converter(variant):
     assert set(theirs) <= set(ours)
     for k, v in theirs.items():
         assert torch.equal(ours[k], v), k
+
+
+@pytest.mark.parametrize("variant, n_keys, deepest", [("sdxl", 1680, 9), ("sdxl-refiner", 1220, 3)])
+def test_full_size_sdxl_key_table_matches_diffusers_converter_on_meta(variant, n_keys, deepest):
+    """The full-size SDXL base and refiner: diffusers' converter moves each LDM tensor object to exactly the
+    diffusers name our table gives it (identity, on the meta device: nothing allocated, nothing downloaded)."""
+    from unetkit.sample import build_unet
+
+    model = build_unet(variant, "full", device="meta")
+    km = KeyMap.for_topology(Topology.from_config(model.config))
+    ldm = {"model.diffusion_model." + km.to_ldm(k): v for k, v in model.state_dict().items()}
+    origin = {id(v): k.removeprefix("model.diffusion_model.") for k, v in ldm.items()}
+    theirs = convert_ldm_unet_checkpoint(dict(ldm), model.config)
+    assert len(theirs) == len(km) == n_keys and set(theirs) == set(model.state_dict())
+    assert all(origin[id(v)] == km.to_ldm(k) for k, v in theirs.items())
+    assert km.to_ldm("add_embedding.linear_1.weight") == "label_emb.0.0.weight"
+    assert km.to_ldm("add_embedding.linear_2.bias") == "label_emb.0.2.bias"
+    # the deep stacks (base: 10, refiner: 4), at the last attention of the last attention level
+    deep = f"transformer_blocks.{deepest}.attn2.to_k.weight"
+    assert km.to_diffusers(f"input_blocks.8.1.{deep}") == f"down_blocks.2.attentions.1.{deep}"
 
 
 def test_pairs_are_in_model_order_and_unique():
@@ -110,7 +130,7 @@ def test_pairs_are_in_model_order_and_unique():
             for v in VARIANTS.values()
         ],
     ],
-    ids=["sd15", "sd15-inpaint-lcm", "sd2", *VARIANTS],
+    ids=["sd15", "sd15-inpaint-lcm", "sd2", *[f"tiny-{v}" for v in VARIANTS]],
 )
 def test_expected_shapes_equal_diffusers_model(cfg):
     """spec.expected_shapes computes shapes without diffusers; diffusers' own model is the oracle."""
