@@ -1,10 +1,16 @@
 """Layout conversion, streamed: one tensor at a time from input to output, byte ranges copied when unchanged.
 
 A layout conversion is a pure rename (the key map), so with ``dtype='keep'`` every output tensor holds exactly
-the input's bytes."""
+the input's bytes. Nothing about the model is lost on the way: the source's own metadata is carried into the
+output's (``provenance.metadata_for``), and so is the prediction type (``unetkit.prediction``): an LDM output holds
+the source's marker tensors byte for byte (whatever ``dtype`` says: they are not weights), or the ComfyUI markers
+when the source says v-prediction another way; a diffusers folder records it in ``scheduler_config.json`` (where
+diffusers users look for it) and in its weights' metadata, marker bytes included, so that the way back restores
+them exactly."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -17,12 +23,15 @@ from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry
 from unetkit.formats.hashing import FileHasher
 from unetkit.formats.safetensors_io import OutTensor, aligned_order, write_safetensors
+from unetkit.prediction import SCHEDULER_CONFIG
 from unetkit.provenance import DTYPE, LDM_PREFIX, SOURCE_SHA256, metadata_for
 from unetkit.resolve import UNetSource, open_unet
 from unetkit.spec import diffusers_config_json
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 TARGETS = ("diffusers", "ldm")
@@ -41,6 +50,8 @@ class ConvertResult:
     source_sha256: str
     source_sha256_cached: bool = False  # remembered from an earlier run on the unchanged file (see formats.hashing)
     ignored: dict[str, str] = field(default_factory=dict)
+    prediction: dict[str, Any] = field(default_factory=dict)  # Prediction.to_dict() of the source
+    notes: list[str] = field(default_factory=list)  # what was decided on the way (prediction markers, metadata)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,8 +88,24 @@ def convert(
     target = parse_code(dtype)  # a file code: 'keep' needs no torch, and byte copies never import it
     hasher = FileHasher(source.checkpoint.files)
     tensors, copied, changed = _plan(source, to, target, prefix)
+    notes = list(source.prediction.decisions)
+    if to == "ldm":
+        markers, marker_notes = source.prediction.ldm_markers()
+        marker_tensors = [OutTensor(name=m.key, shape=m.shape, code=m.code, data=m.data) for m in markers.values()]
+        tensors = aligned_order(tensors + marker_tensors)
+        notes += marker_notes
     total = sum(t.nbytes for t in tensors)
-    meta = metadata_for(source.spec, source.path, layout=to, extra={DTYPE: short(target) if target else "keep"})
+    meta = metadata_for(
+        source.spec,
+        source.path,
+        layout=to,
+        extra={DTYPE: short(target) if target else "keep"},
+        carried=source.source_metadata,
+        prediction=source.prediction,
+        markers_in_metadata=to == "diffusers",
+    )
+    for note in notes[len(source.prediction.decisions) :]:
+        log.info("%s: %s", out, note)
 
     def final_meta() -> dict[str, str]:
         return {**meta, SOURCE_SHA256: hasher.result()}
@@ -89,6 +116,7 @@ def convert(
     if to == "diffusers":
         with atomic_output(out, force=force, directory=True) as tmp:
             (tmp / "config.json").write_text(diffusers_config_json(source.spec.config))
+            (tmp / SCHEDULER_CONFIG).write_text(source.prediction.scheduler_config_json())
             write_safetensors(tmp / DIFFUSERS_WEIGHTS, tensors, meta, progress, final_meta)
     else:
         with atomic_output(out, force=force) as tmp:
@@ -105,6 +133,8 @@ def convert(
         source_sha256=hasher.result(),
         source_sha256_cached=hasher.cached,
         ignored=dict(source.ignored),
+        prediction=source.prediction.to_dict(),
+        notes=notes,
         seconds=time.perf_counter() - t0,
     )
 

@@ -20,9 +20,10 @@ import torch
 
 from unetkit.dtypes import BY_CODE
 from unetkit.errors import UnetkitError
+from unetkit.families import Family
 from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry, read_range
-from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, write_gguf
+from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, check_string_kv, write_gguf
 from unetkit.formats.hashing import FileHasher
 from unetkit.provenance import DECISIONS, FLAVOR, LDM_PREFIX, METHOD, SOURCE_SHA256, metadata_for
 from unetkit.quant.gguf.policy import GGUF_METHOD, Decision, Recipe, plan
@@ -78,14 +79,10 @@ def quantize_file(
     src, out = Path(src), Path(out)
     check_output(out, force, inputs=(src,))
     source = open_unet(src, ema=ema, config=config)
-    ldm_names = {d: source.ldm_name(d) for d in source.tensors}
     family = source.spec.model_family
-    sensitive = {
-        ldm_names[d]: why
-        for d in source.tensors
-        if len(source.tensors[d].shape) > 1 and (why := family.sensitive_reason(d.rsplit(".", 1)[0]))
-    }
-    decisions = plan([(ldm_names[d], e.shape) for d, e in source.tensors.items()], recipe, sensitive=sensitive)
+    decisions = plan_tensors(
+        {d: (source.ldm_name(d), tuple(e.shape)) for d, e in source.tensors.items()}, family, recipe
+    )
     prefix = "" if recipe.flavor == "comfy" else LDM_PREFIX
     tensors, kv = [], {}
     pool = _EncoderPool.for_plan(list(source.tensors.values()), decisions, workers)
@@ -105,8 +102,15 @@ def quantize_file(
             FLAVOR: recipe.flavor,
             DECISIONS: json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
         },
+        # the source's own metadata rides along as string KVs, the prediction type and its marker bytes too (GGUF
+        # holds no marker tensors); no safetensors "format" key: GGUF has general.* keys
+        carried=source.source_metadata,
+        prediction=source.prediction,
+        markers_in_metadata=True,
+        container="gguf",
     )
-    del meta["format"]  # a safetensors convention; GGUF has general.* keys
+    for key, value in meta.items():  # before any work: a value GGUF cannot hold is an error, never dropped
+        check_string_kv(key, value, out)
     total = sum(t.nbytes for t in tensors)
     if on_start:
         on_start(total)
@@ -122,6 +126,45 @@ def quantize_file(
             final_kv=lambda: {SOURCE_SHA256: hasher.result()},
         )
     return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(), time.perf_counter() - t0)
+
+
+def plan_tensors(tensors: Mapping[str, tuple[str, tuple[int, ...]]], family: Family, recipe: Recipe) -> list[Decision]:
+    """The decision for every tensor, in order: ``tensors`` maps diffusers names to (LDM name, shape); the family
+    says which modules stay high-precision (``Family.sensitive``)."""
+    sensitive = {
+        ldm: why
+        for d, (ldm, shape) in tensors.items()
+        if len(shape) > 1 and (why := family.sensitive_reason(d.rsplit(".", 1)[0]))
+    }
+    return plan(list(tensors.values()), recipe, sensitive=sensitive)
+
+
+def plan_config(
+    config: Mapping[str, Any],
+    method: str = "gguf:Q8_0",
+    *,
+    flavor: str = "comfy",
+    keep: Sequence[str] = (),
+    override: Sequence[str] = (),
+) -> list[Decision]:
+    """The decisions ``quantize_file`` makes for a UNet with this (complete diffusers) config, from the config
+    alone: no file, no weights, no torch. Sizes follow from them (``Decision.stored_shape`` and ``qtype``;
+    ``formats.gguf.file_bytes``). Tensors come in the model's parameter order, with LDM names."""
+    from unetkit.families import for_config
+    from unetkit.keymap import KeyMap, Topology
+    from unetkit.spec import expected_shapes
+
+    if not method.lower().startswith(GGUF_METHOD):
+        raise UnetkitError(f"unknown method {method!r}; GGUF methods are gguf:<recipe>, e.g. gguf:Q4_K_M")
+    recipe = Recipe.parse(method[len(GGUF_METHOD) :], flavor, keep, override)
+    keymap = KeyMap.for_topology(Topology.from_config(config))
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        ldm = keymap.to_ldm(name)
+        if ldm is None:
+            raise UnetkitError(f"no LDM name for {name!r}")
+        tensors[name] = (ldm, shape)
+    return plan_tensors(tensors, for_config(config), recipe)
 
 
 PARALLEL_MIN_BYTES = 256 << 20  # below this, starting encoder processes (about 2 s each: torch import) does not pay

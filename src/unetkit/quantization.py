@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from unetkit.errors import UnetkitError
 from unetkit.formats.atomic import check_output
 from unetkit.quant.gguf.policy import GGUF_METHOD
+
+if TYPE_CHECKING:
+    from unetkit.resolve import UNetSource
 
 
 def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None):
@@ -41,6 +44,11 @@ def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: S
             f"this UNet is quantized already ({unet.unetkit_quant_report.method}); quantize a float UNet"
         )
     be, scheme = parse_method(method)
+    # weights held in fp16 and computed in fp32 layer by layer (load_unet(..., dequantize="on-the-fly",
+    # compute_dtype="fp32")): quantized from fp32 weights, so that the quantized UNet computes in fp32 too
+    from unetkit.loading import cast_whole
+
+    unet = cast_whole(unet)
     be.check_available(scheme, unet)
     include = [include] if isinstance(include, str) else (list(include) if include is not None else None)
     exclude = [exclude] if isinstance(exclude, str) else (list(exclude) if exclude is not None else None)
@@ -59,13 +67,18 @@ def quantize(unet, method: str, include: Sequence[str] | None = None, exclude: S
     return unet, report
 
 
-def save_quantized(unet, out: str | Path, report=None, *, force: bool = False) -> Path:
+def save_quantized(
+    unet, out: str | Path, report=None, *, force: bool = False, source: UNetSource | None = None, source_sha256=None
+) -> Path:
     """Write a UNet quantized by :func:`quantize` to the folder ``out`` (config.json, unetkit_quant.safetensors,
     unetkit_quant.json; see ``formats/quantized_dir.py``), atomically (an existing ``out`` needs ``force``);
-    ``unetkit.load_unet(out)`` reloads it."""
-    from unetkit.dtypes import compute_dtype
+    ``unetkit.load_unet(out)`` reloads it. ``source``: the ``open_unet`` of the file the UNet was loaded from:
+    its metadata is carried into the weights file's, and its prediction type recorded there and in a
+    ``scheduler_config.json`` (as ``convert --to diffusers`` does); ``source_sha256`` (a callable or a string)
+    replaces the source hash placeholder."""
+    from unetkit.dtypes import compute_dtype, short
     from unetkit.formats.quantized_dir import write_quantized_dir
-    from unetkit.provenance import METHOD, VERSION
+    from unetkit.provenance import DTYPE, METHOD, SOURCE_SHA256, VERSION, metadata_for
     from unetkit.quant.runtime.base import parse_method
     from unetkit.spec import diffusers_config_json
 
@@ -83,8 +96,30 @@ def save_quantized(unet, out: str | Path, report=None, *, force: bool = False) -
         "backend_state": state,
         "report": report.to_dict(),
     }
-    meta = {"format": "pt", METHOD: report.method, VERSION: report.versions.get("unetkit", "")}
-    return write_quantized_dir(out, diffusers_config_json(dict(unet.config)), tensors, manifest, meta, force=force)
+    extra_files = {}
+    if source is None:
+        meta = {"format": "pt", METHOD: report.method, VERSION: report.versions.get("unetkit", "")}
+    else:
+        meta = metadata_for(
+            source.spec,
+            source.path,
+            layout="diffusers",
+            extra={METHOD: report.method, DTYPE: short(manifest["dtype"])},
+            carried=source.source_metadata,
+            prediction=source.prediction,
+            markers_in_metadata=True,
+        )
+        sha = source_sha256() if callable(source_sha256) else source_sha256
+        if sha:
+            meta[SOURCE_SHA256] = sha
+        else:
+            del meta[SOURCE_SHA256]
+        from unetkit.prediction import SCHEDULER_CONFIG
+
+        extra_files[SCHEDULER_CONFIG] = source.prediction.scheduler_config_json()
+    return write_quantized_dir(
+        out, diffusers_config_json(dict(unet.config)), tensors, manifest, meta, force=force, extra_files=extra_files
+    )
 
 
 def quantize_to_dir(
@@ -100,14 +135,19 @@ def quantize_to_dir(
 ):
     """``unetkit quantize IN OUT --method torchao:...|quanto:...``: load ``src`` (any input unetkit reads),
     quantize it, write the folder ``out``. Returns the QuantReport."""
+    from unetkit.formats.hashing import FileHasher
     from unetkit.loading import load_unet
     from unetkit.quant.runtime.base import parse_method
+    from unetkit.resolve import open_unet
 
     src, out = Path(src), Path(out)
     check_output(out, force, inputs=(src,))
     be, scheme = parse_method(method)
     be.check_available(scheme)  # before the (slow) load
-    unet = load_unet(src, ema=ema, config=config)
+    source = open_unet(src, ema=ema, config=config)
+    hasher = FileHasher(source.checkpoint.files)
+    hasher.start()  # on the other core, while the model loads and quantizes
+    unet = load_unet(source)
     unet, report = quantize(unet, method, include=include, exclude=exclude)
-    save_quantized(unet, out, report, force=force)
+    save_quantized(unet, out, report, force=force, source=source, source_sha256=hasher.result)
     return report

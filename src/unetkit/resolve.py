@@ -2,6 +2,8 @@
 
 This is the one place where formats (bytes), the key map (names) and the spec (config) meet; ``convert``,
 ``load_unet`` and ``inspect`` all start here, so all three see the same keys, the same errors and the same config.
+It is also where what the file says about the model beyond its weights is gathered, for every output to keep:
+the prediction type with its marker tensors (``unetkit.prediction``) and the source's own metadata.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unetkit import families, formats
+from unetkit import families, formats, prediction
 from unetkit.errors import KeyMapError, ModelDetectionError, UnetkitError, list_some
 from unetkit.formats.base import Checkpoint, TensorEntry
 from unetkit.formats.validate import load_json, read_json_file
 from unetkit.keymap import KeyMap, Topology
 from unetkit.keymap.prefixes import EMA_PREFIX, dotless, split_keys
-from unetkit.provenance import CONFIG
+from unetkit.prediction import Marker, Prediction
+from unetkit.provenance import CONFIG, GGUF_CONTAINER_KEYS
+from unetkit.shapes import numel
 from unetkit.spec import UNetSpec, clean_config, detect_layout, expected_shapes, infer_config
 
 log = logging.getLogger(__name__)
@@ -26,7 +30,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class UNetSource:
-    """A readable UNet: its tensors under diffusers names (in file order), the spec, and what was ignored."""
+    """A readable UNet: its tensors under diffusers names (in file order), the spec, what was ignored, and what
+    the file says about the model beyond its weights, which every output keeps: the prediction type (with the
+    marker tensors that carry it, byte for byte) and the source's own metadata."""
 
     checkpoint: Checkpoint
     spec: UNetSpec
@@ -34,6 +40,10 @@ class UNetSource:
     tensors: dict[str, TensorEntry]  # diffusers name -> entry
     ignored: dict[str, str]  # raw file key -> reason
     prefix: str  # prefix the UNet keys had in the file
+    prediction: Prediction  # epsilon / v_prediction, where it came from, the markers (see unetkit.prediction)
+    #: the metadata outputs carry: the file's own (safetensors __metadata__, a diffusers folder's weights metadata,
+    #: a GGUF's KVs less the ones that describe the GGUF container); pickles have none
+    source_metadata: dict[str, str]
 
     @property
     def path(self) -> Path:
@@ -173,7 +183,87 @@ def _resolve(ckpt: Checkpoint, *, ema: bool, user_config: dict[str, Any] | None)
         tensors = dict(sorted(tensors.items(), key=lambda kv: order[kv[0]]))
     for raw, reason in ignored.items():
         log.info("ignored %s: %s", raw, reason)
-    return UNetSource(checkpoint=ckpt, spec=spec, keymap=keymap, tensors=tensors, ignored=ignored, prefix=split.prefix)
+    markers = {key: _marker(key, ckpt.entries[raw]) for key, raw in split.markers.items()}
+    sched = ckpt.scheduler_config
+    pred = prediction.detect(
+        markers,
+        ckpt.metadata,
+        default=family.prediction_type,
+        family=family.title,
+        scheduler_config=sched[1] if sched else None,
+        scheduler_label=str(sched[0]) if sched else prediction.SCHEDULER_CONFIG,
+    )
+    for decision in pred.decisions:
+        log.warning("%s: prediction type: %s", ckpt.path, decision)
+    return UNetSource(
+        checkpoint=ckpt,
+        spec=spec,
+        keymap=keymap,
+        tensors=tensors,
+        ignored=ignored,
+        prefix=split.prefix,
+        prediction=pred,
+        source_metadata=source_metadata(ckpt),
+    )
+
+
+def source_metadata(ckpt: Checkpoint) -> dict[str, str]:
+    """The metadata of ``ckpt`` that outputs carry: all of it, less a GGUF's container keys (architecture,
+    alignment, file type, quantization version: they describe that file, and each output writes its own)."""
+    if ckpt.format == "gguf":
+        return {k: v for k, v in ckpt.metadata.items() if k not in GGUF_CONTAINER_KEYS}
+    return dict(ckpt.metadata)
+
+
+def _marker(key: str, entry: TensorEntry) -> Marker:
+    """A marker tensor's exact bytes: read from the file where they lie (no torch), else from the loaded tensor
+    (pickles, which imported torch to be read at all)."""
+    if entry.qtype is not None:
+        raise KeyMapError(f"prediction marker {key!r} is stored as {entry.qtype}; markers are plain tensors")
+    if numel(entry.shape) > prediction.MAX_MARKER_ELEMENTS:
+        raise KeyMapError(
+            f"key {key!r} has the name of a prediction-type marker but holds {numel(entry.shape)} values "
+            f"{list(entry.shape)}; markers are empty or hold a few values"
+        )
+    if entry.file is not None and entry.offset is not None:
+        with open(entry.file, "rb") as f:
+            f.seek(entry.offset)
+            data = f.read(entry.nbytes)
+    else:
+        import torch
+
+        t = entry.load().detach().contiguous().reshape(-1)
+        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return Marker(key=key, code=entry.code, shape=tuple(entry.shape), data=data)
+
+
+def prediction_of(path: str | Path) -> Prediction:
+    """The prediction type of any input ``load_unet`` reads, without loading it: a file or folder through
+    :func:`open_unet`; a quantized folder from its weights' metadata and its scheduler_config.json."""
+    from unetkit.formats.quantized_dir import is_quantized_dir
+
+    if not is_quantized_dir(path):
+        return open_unet(path).prediction
+    from unetkit.formats.diffusers_dir import SCHEDULER_CONFIG
+    from unetkit.formats.quantized_dir import MANIFEST, WEIGHTS, read_manifest
+    from unetkit.formats.safetensors_io import read_header
+    from unetkit.formats.validate import confined
+
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    config = _checked_config(read_json_file(folder / "config.json", "the diffusers config"), str(folder))
+    _, header = read_header(confined(folder, str(manifest.get("weights", WEIGHTS)), str(folder / MANIFEST)))
+    sched_file = folder / SCHEDULER_CONFIG
+    sched = read_json_file(sched_file, "the scheduler config") if sched_file.is_file() else None
+    family = families.for_config(config)
+    return prediction.detect(
+        {},
+        header.get("__metadata__") or {},
+        default=family.prediction_type,
+        family=family.title,
+        scheduler_config=sched,
+        scheduler_label=str(sched_file),
+    )
 
 
 def _raw_name(keymap: KeyMap, diffusers_key: str, layout: str, prefix: str) -> str:
@@ -272,4 +362,4 @@ def _check_agree(stored: dict[str, Any], folder: dict[str, Any], ckpt: Checkpoin
         )
 
 
-__all__ = ["EMA_PREFIX", "UNetSource", "open_unet"]
+__all__ = ["EMA_PREFIX", "UNetSource", "open_unet", "prediction_of"]

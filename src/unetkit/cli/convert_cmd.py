@@ -85,4 +85,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.ignored:
         print(f"  {len(result.ignored)} non-UNet keys ignored (see `unetkit inspect` for reasons)")
+    pred = result.prediction
+    print(f"  prediction type {pred['type']} (from {pred['source']}), kept in the output with the source's metadata")
+    for note in result.notes:
+        print(f"  note: {note}")
     return 0

@@ -67,6 +67,9 @@ class Checkpoint:
     entries: dict[str, TensorEntry]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None  # a diffusers config.json beside the weights, when there is one
+    #: a diffusers scheduler config found with the weights (path, content): the folder's scheduler_config.json
+    #: (unetkit writes one), or a pipeline's scheduler/scheduler_config.json; read for the prediction type
+    scheduler_config: tuple[Path, dict[str, Any]] | None = None
     files: tuple[Path, ...] = ()
     #: non-tensor objects found in the file (pickles), name -> short description; reported as ignored
     non_tensors: dict[str, str] = field(default_factory=dict)

@@ -1,7 +1,11 @@
 """diffusers folders: a UNet folder (``config.json`` + weights) or a pipeline folder (its ``unet/``).
 
 Weights are looked for in this order: ``diffusion_pytorch_model.safetensors``, ``….fp16.safetensors``, a sharded
-``….safetensors.index.json``, then the ``.bin`` pickles (read with ``weights_only=True``)."""
+``….safetensors.index.json``, then the ``.bin`` pickles (read with ``weights_only=True``).
+
+A scheduler config says how the UNet is sampled, its prediction type included: the UNet folder's own
+``scheduler_config.json`` (unetkit writes one there; diffusers' ``from_pretrained`` of the UNet reads only
+``config.json`` and is not affected) or, in a pipeline folder, ``scheduler/scheduler_config.json``."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from unetkit.formats.base import Checkpoint
 from unetkit.formats.safetensors_io import read_safetensors
 from unetkit.formats.validate import confined, read_json_file
 
+SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHT_NAMES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
@@ -47,6 +52,7 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
     weight_map = _weight_map(weights) if weights.name.endswith(".index.json") else None
     files = list(dict.fromkeys(weight_map.values())) if weight_map is not None else [weights]
     merged = Checkpoint(path=path, format="diffusers-folder", entries={}, config=config, files=tuple(files))
+    merged.scheduler_config = read_scheduler_config(path, folder)
     for f in files:
         part = read_safetensors(f) if f.suffix == ".safetensors" else _read_pickle(f)
         for name, entry in part.entries.items():
@@ -70,6 +76,20 @@ def read_diffusers_folder(path: Path) -> Checkpoint:
                 f"{weights}: {len(absent)} tensor(s) listed in the index are in no shard: {list_some(absent)}"
             )
     return merged
+
+
+def read_scheduler_config(path: Path, folder: Path) -> tuple[Path, dict] | None:
+    """The scheduler config that goes with the UNet in ``folder`` (``path`` is what was opened: the folder, or the
+    pipeline folder holding it), or None: the folder's own, else its pipeline's (``folder`` opened as the ``unet/``
+    of a pipeline counts too). A damaged one is an error, as a damaged config.json is."""
+    pipeline = path if folder != path else folder.parent if (folder.parent / "model_index.json").is_file() else None
+    candidates = [folder / SCHEDULER_CONFIG]
+    if pipeline is not None:
+        candidates.append(pipeline / "scheduler" / SCHEDULER_CONFIG)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate, read_json_file(candidate, "the scheduler config")
+    return None
 
 
 def _weight_map(index: Path) -> dict[str, Path]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -343,7 +343,8 @@ def write_gguf(
         elif isinstance(value, (list, tuple)):
             writer.add_key_value(key, list(value), GGUFValueType.ARRAY, sub_type=GGUFValueType.INT32)
         else:
-            writer.add_string(key, str(value))
+            # add_key_value, not add_string: gguf-py's add_string drops empty strings without a word
+            writer.add_key_value(key, check_string_kv(key, str(value), path), GGUFValueType.STRING)
     for t in tensors:
         if t.qtype in ("F32", "F16"):
             writer.add_tensor_info(
@@ -370,6 +371,57 @@ def write_gguf(
     writer.close()
     if final_kv is not None:
         patch_strings(path, final_kv())
+
+
+def check_string_kv(key: str, value: str, where: str | Path) -> str:
+    """``value`` if a GGUF file can hold it as a string KV that readers (this one included) read back; else a
+    FormatError naming the key: GGUF strings are UTF-8 (a lone surrogate, which JSON metadata can carry, is not)
+    and this reader takes strings of at most ``MAX_STRING`` bytes."""
+    for what, text in (("key", key), ("value", value)):
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise FormatError(
+                f"{where}: metadata {key!r} cannot be written to GGUF: its {what} is not valid UTF-8 ({e.reason} at "
+                f"character {e.start}); GGUF strings are UTF-8"
+            ) from None
+        if size > MAX_STRING:
+            raise FormatError(
+                f"{where}: metadata {key!r} cannot be written to GGUF: its {what} has {size} bytes, over the "
+                f"{MAX_STRING} a GGUF reader takes"
+            )
+    return value
+
+
+def file_bytes(tensors: Iterable[tuple[str, str, tuple[int, ...]]], kv: Mapping[str, Any], alignment: int = 0) -> int:
+    """The exact size of a GGUF v3 file holding ``tensors`` ((name, qtype, stored shape), torch order) and ``kv``
+    (typed as :func:`write_gguf` types them: bool, int as UINT32, float as FLOAT32, a list as an INT32 array,
+    anything else as a string; put ``general.architecture`` and the other KVs the writer adds in ``kv``): the
+    header, padded to the alignment, then each tensor's data, padded to the alignment (as gguf-py and ggml write
+    it). From names and shapes alone: sizes a file before anything is encoded."""
+    from unetkit.quant.gguf.qtypes import n_bytes
+
+    alignment = alignment or int(kv.get("general.alignment", DEFAULT_ALIGNMENT))
+    head = 4 + 4 + 8 + 8
+    for key, value in kv.items():
+        head += 8 + len(key.encode()) + 4
+        if isinstance(value, bool):
+            head += 1
+        elif isinstance(value, (int, float)):
+            head += 4
+        elif isinstance(value, (list, tuple)):
+            head += 4 + 8 + 4 * len(value)
+        else:
+            head += 8 + len(str(value).encode())
+    data = 0
+    for name, qtype, shape in tensors:
+        head += 8 + len(name.encode()) + 4 + 8 * len(shape) + 4 + 8
+        data += _pad(n_bytes(qtype, shape), alignment)
+    return _pad(head, alignment) + data
+
+
+def _pad(n: int, alignment: int) -> int:
+    return n + (-n % alignment)
 
 
 def patch_strings(path: Path, values: dict[str, str], search_bytes: int = 64 << 20) -> None:

@@ -9,6 +9,8 @@
       unetkit_quant.json           the manifest: format version, method, library versions, the name, dtype and
                                    shape of every stored tensor, the backend's rebuild state and every module's
                                    decision (the QuantReport)
+      scheduler_config.json        how to sample the UNet, its prediction type included (when the source is
+                                   known: ``quantize_to_dir``); the weights' metadata also carries the source's own
 
 The weights file has its own name on purpose: the folder is not loadable by diffusers' ``from_pretrained`` (its
 modules are quantized ones), and nothing should mistake it for a plain diffusers folder.
@@ -54,9 +56,11 @@ def write_quantized_dir(
     metadata: Mapping[str, str],
     *,
     force: bool = False,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Write the folder atomically (an existing ``out`` needs ``force``). ``manifest`` gets the format, the
-    weights file's name and the dtype and shape of every tensor added."""
+    weights file's name and the dtype and shape of every tensor added. ``extra_files``: name -> text, written
+    beside (``scheduler_config.json``); a name of the folder's own files is refused."""
     out = Path(out)
     codes = {}
     for name, t in tensors.items():
@@ -76,8 +80,14 @@ def write_quantized_dir(
     from safetensors.torch import save_file
 
     plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    extra = dict(extra_files or {})
+    clash = [n for n in extra if n in (CONFIG, WEIGHTS, MANIFEST) or Path(n).name != n]
+    if clash:
+        raise FormatError(f"{out}: internal error: extra files {clash} would replace the folder's own")
     with atomic_output(out, force=force, directory=True) as tmp:
         (tmp / CONFIG).write_text(config_json)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
         save_file(plain, str(tmp / WEIGHTS), metadata=dict(metadata))
         (tmp / MANIFEST).write_text(json.dumps(body, indent=1, default=str) + "\n")
     return out

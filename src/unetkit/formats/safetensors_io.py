@@ -126,8 +126,9 @@ def _getter(handle: _LazyHandle, name: str) -> Callable[[], torch.Tensor]:
 
 @dataclass
 class OutTensor:
-    """One tensor to write: either ``load`` (returns the final tensor) or a byte range ``(file, offset)``
-    whose bytes are already exactly the output bytes."""
+    """One tensor to write: ``load`` (returns the final tensor), a byte range ``(file, offset)`` whose bytes are
+    already exactly the output bytes, or those bytes themselves (``data``: small tensors kept as bytes, such as
+    the prediction-type markers; no torch needed)."""
 
     name: str
     shape: tuple[int, ...]
@@ -135,6 +136,7 @@ class OutTensor:
     load: Callable[[], torch.Tensor] | None = None
     src_file: Path | None = None
     src_offset: int | None = None
+    data: bytes | None = None
 
     @property
     def nbytes(self) -> int:
@@ -196,7 +198,12 @@ def write_safetensors(
                 run.append(t)
                 continue
             flush_run()
-            _write_tensor(out, t, path)
+            if t.data is not None:
+                if len(t.data) != t.nbytes:
+                    raise FormatError(f"{path}: internal error writing {t.name!r}: {len(t.data)} bytes, not {t.nbytes}")
+                out.write(t.data)
+            else:
+                _write_tensor(out, t, path)
             if progress:
                 progress(t.nbytes)
         flush_run()

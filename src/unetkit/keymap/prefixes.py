@@ -1,14 +1,17 @@
 """Which names in a file belong to the UNet, under which prefix, and which are deliberately ignored (and why).
 
 A full single-file checkpoint carries the UNet under ``model.diffusion_model.`` beside the VAE, the text encoder,
-an optional EMA copy and the training wrapper's noise-schedule buffers. Every key ends up in exactly one place:
-a UNet key (prefix stripped), an ignored key with its reason, or an unknown key that the caller reports."""
+an optional EMA copy, the training wrapper's noise-schedule buffers and, at the top level, the prediction-type
+markers (``v_pred``, ``ztsnr``, ``edm_vpred.*``, ``edm_*``; see ``unetkit.prediction``). Every key ends up in
+exactly one place: a UNet key (prefix stripped), a marker (kept as the model's own: not a weight, not ignored), an
+ignored key with its reason, or an unknown key that the caller reports."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from unetkit.prediction import MARKER_KEYS
 from unetkit.provenance import LDM_PREFIX
 
 #: The prefixes a UNet's own names are found under, most specific first.
@@ -45,6 +48,7 @@ class KeySplit:
     unet: dict[str, str] = field(default_factory=dict)  # stripped name -> raw file key
     ignored: dict[str, str] = field(default_factory=dict)  # raw file key -> reason
     ema: dict[str, str] = field(default_factory=dict)  # dot-less EMA name -> raw file key
+    markers: dict[str, str] = field(default_factory=dict)  # prediction-type marker name -> raw file key
 
 
 def split_keys(keys: Iterable[str]) -> KeySplit:
@@ -54,6 +58,9 @@ def split_keys(keys: Iterable[str]) -> KeySplit:
     for key in keys:
         if key in SCHEDULE_BUFFERS:
             split.ignored[key] = SCHEDULE_REASON
+            continue
+        if key in MARKER_KEYS:
+            split.markers[key] = key
             continue
         if key.startswith(EMA_UNET_PREFIX):
             split.ema[key[len(EMA_UNET_PREFIX) :]] = key
