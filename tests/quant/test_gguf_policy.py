@@ -3,7 +3,8 @@
 Every expected value below was worked out by hand from the policy's documented rules (its module docstring and
 the recipe table), not by running the policy: the qtype block sizes (Q8_0/Q5_x/Q4_x: 32 elements, K-quants: 256),
 ComfyUI-GGUF's rows of 256, sdcpp's exact shapes and 127-byte names with the ``model.diffusion_model.`` prefix, and
-diffusers' Linear-only quantization. Names and shapes are real SD1.5 LDM tensors (without prefix).
+diffusers' Linear-only quantization. Names and shapes are real SD1.5, SDXL and SDXL-refiner LDM tensors (without
+prefix).
 
 Which tensors are sensitive is not the policy's to know: the caller passes ``sensitive`` ({LDM name: reason}, from
 the model family's ``Family.sensitive``), so the table passes it as an input column; the last test checks that the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from unetkit.errors import QuantError
-from unetkit.quant.gguf.policy import Recipe, decide, plan
+from unetkit.quant.gguf.policy import Recipe, decide, plan, unet_order
 
 # real SD1.5 LDM tensors (name without prefix, shape)
 BIAS = ("input_blocks.1.0.in_layers.2.bias", (320,))
@@ -36,6 +37,20 @@ FF2_MID = ("middle_block.1.transformer_blocks.0.ff.net.2.weight", (1280, 5120)) 
 FF0_MID = ("middle_block.1.transformer_blocks.0.ff.net.0.proj.weight", (10240, 1280))
 FF0_320 = ("input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight", (2560, 320))  # 819200 = 3200 rows of 256
 EMB = ("input_blocks.1.0.emb_layers.1.weight", (320, 1280))
+
+# real SDXL base / refiner LDM tensors: the add embedding (label_emb <-> add_embedding), a deep stack's 10th block, the
+# 640-wide level (640 = 2.5 x 256), the refiner's 384-wide level (384 = 1.5 x 256) and its 1152-input skip (4.5 x 256)
+LABEL_EMB_0 = ("label_emb.0.0.weight", (1280, 2816))  # 2816 = 11 x 256: fits every block
+LABEL_EMB_2 = ("label_emb.0.2.weight", (1280, 1280))
+LABEL_EMB_BIAS = ("label_emb.0.0.bias", (1280,))
+XL_FF2_DEEP = ("middle_block.1.transformer_blocks.9.ff.net.2.weight", (1280, 5120))
+XL_TO_K_DEEP = ("output_blocks.2.1.transformer_blocks.9.attn2.to_k.weight", (1280, 2048))
+XL_TO_V_640 = ("input_blocks.4.1.transformer_blocks.1.attn1.to_v.weight", (640, 640))  # 409600 = 1600 rows of 256
+XL_PROJ_IN_640 = ("input_blocks.5.1.proj_in.weight", (640, 640))
+REF_TIME_EMB = ("time_embed.0.weight", (1536, 384))  # 589824 = 2304 rows of 256
+REF_CONV_384 = ("input_blocks.1.0.in_layers.2.weight", (384, 384, 3, 3))  # 1327104 = 5184 rows of 256
+REF_SKIP_1152 = ("output_blocks.8.0.skip_connection.weight", (384, 1152, 1, 1))  # 442368 = 1728 rows of 256
+S_ADD = "sensitive layer: the add embedding (pooled text + size conditioning) conditions every block"
 
 # what a caller passes as ``sensitive`` for the SD1.5 sensitive tensors (the SD family's wording, shortened)
 S_CONV_IN = "sensitive layer: conv_in sees the raw latents"
@@ -118,10 +133,10 @@ CASES = [
         "conv-in-not-sensitive-comfy",
     ),
     row(TIME_EMB, "Q8_0", "sdcpp", [], [], "Q8_0", (1280, 320), "recipe Q8_0", "time-emb-not-sensitive-sdcpp"),
-    # Q4_K_M: base Q4_K, to_v -> Q6_K, ff.net.2 -> Q5_K
+    # Q4_K_M: base Q4_K, to_v -> Q6_K, ff.net.2 -> Q6_K (ComfyUI-GGUF's patched llama-quantize)
     row(TO_V_MID, "Q4_K_M", "comfy", [], [], "Q6_K", (1280, 1280), "upgrades '*.to_v.weight' to Q6_K", "q4km-to_v"),
     row(TO_V_X, "Q4_K_M", "sdcpp", [], [], "Q6_K", (320, 768), "upgrades '*.to_v.weight' to Q6_K", "q4km-attn2-to_v"),
-    row(FF2_MID, "Q4_K_M", "comfy", [], [], "Q5_K", (1280, 5120), "upgrades '*.ff.net.2.weight' to Q5_K", "q4km-ff2"),
+    row(FF2_MID, "Q4_K_M", "comfy", [], [], "Q6_K", (1280, 5120), "upgrades '*.ff.net.2.weight' to Q6_K", "q4km-ff2"),
     row(TO_K_MID, "Q4_K_M", "comfy", [], [], "Q4_K", (1280, 1280), "recipe Q4_K_M", "q4km-to_k-base"),
     row(FF0_MID, "Q4_K_M", "sdcpp", [], [], "Q4_K", (10240, 1280), "recipe Q4_K_M", "q4km-ff0-base"),
     row(EMB, "Q4_K_M", "diffusers", [], [], "Q4_K", (320, 1280), "recipe Q4_K_M", "q4km-emb-diffusers"),
@@ -209,10 +224,10 @@ CASES = [
         "diffusers",
         [],
         [],
-        "Q5_K",
+        "Q6_K",
         (1280, 5120),
         "upgrades '*.ff.net.2.weight'",
-        "diffusers-ff2-q5k",
+        "diffusers-ff2-q6k",
     ),
     row(
         TO_V_320,
@@ -345,6 +360,99 @@ CASES = [
         "the size is not a multiple of 256: kept in F16",
         "override-no-fit-comfy",
     ),
+    # SDXL: the add embedding is sensitive (the family says so): F16 in every flavor, its bias F32
+    row(LABEL_EMB_0, "Q4_K_M", "comfy", [], [], "F16", (1280, 2816), S_ADD, "xl-label-emb-f16", sensitive=S_ADD),
+    row(LABEL_EMB_2, "Q8_0", "sdcpp", [], [], "F16", (1280, 1280), S_ADD, "xl-label-emb2-sdcpp", sensitive=S_ADD),
+    row(LABEL_EMB_0, "Q5_K_S", "diffusers", [], [], "F16", (1280, 2816), S_ADD, "xl-label-emb-diff", sensitive=S_ADD),
+    row(LABEL_EMB_BIAS, "Q4_K_M", "comfy", [], [], "F32", (1280,), ONE_D, "xl-label-emb-bias", sensitive=S_ADD),
+    row(
+        LABEL_EMB_0,
+        "F16",
+        "comfy",
+        [],
+        [],
+        "F16",
+        (1280, 2816),
+        "recipe F16",
+        "xl-label-emb-f16-recipe",
+        sensitive=S_ADD,
+    ),
+    # ... and quantizable where the user asks (2816 = 11 x 256 fits K-quants in every flavor)
+    row(
+        LABEL_EMB_0,
+        "Q4_K_M",
+        "sdcpp",
+        [],
+        ["label_emb=Q6_K"],
+        "Q6_K",
+        (1280, 2816),
+        "override",
+        "xl-label-emb-override",
+        sensitive=S_ADD,
+    ),
+    row(LABEL_EMB_0, "Q4_K_M", "comfy", [], [], "Q4_K", (1280, 2816), "recipe Q4_K_M", "xl-label-emb-not-sensitive"),
+    # deep stacks: the 10th transformer block takes the same rules as the first
+    row(XL_FF2_DEEP, "Q4_K_M", "sdcpp", [], [], "Q6_K", (1280, 5120), "'*.ff.net.2.weight' to Q6_K", "xl-deep-ff2"),
+    row(XL_TO_K_DEEP, "Q4_K_M", "comfy", [], [], "Q4_K", (1280, 2048), "recipe Q4_K_M", "xl-deep-to_k"),
+    # SDXL's 640-wide level: rows of 256 for comfy, F16 with the reason for the exact-shape flavors (K-quants only)
+    row(XL_TO_V_640, "Q4_K_M", "comfy", [], [], "Q6_K", (1600, 256), "rows of 256 (last dim 640", "xl-to_v-640-comfy"),
+    row(
+        XL_TO_V_640,
+        "Q4_K_M",
+        "sdcpp",
+        [],
+        [],
+        "F16",
+        (640, 640),
+        "requested Q6_K, but the last dim 640 is not a multiple of its block size 256",
+        "xl-to_v-640-sdcpp",
+    ),
+    row(XL_TO_V_640, "Q8_0", "diffusers", [], [], "Q8_0", (640, 640), "recipe Q8_0", "xl-to_v-640-q8-diffusers"),
+    row(XL_PROJ_IN_640, "Q5_K_S", "diffusers", [], [], "F16", (640, 640), "needs exact shapes", "xl-proj-in-640-diff"),
+    # the refiner's 384-wide level: 384 = 1.5 x 256 is no K-quant row; its sizes are multiples of 256
+    row(REF_TIME_EMB, "Q4_K_M", "comfy", [], [], "F16", (1536, 384), S_TIME, "ref-time-emb-f16", sensitive=S_TIME),
+    row(
+        REF_TIME_EMB,
+        "Q4_K_M",
+        "comfy",
+        [],
+        ["time_embed=Q4_K"],
+        "Q4_K",
+        (2304, 256),
+        "rows of 256 (last dim 384",
+        "ref-time-emb-override-comfy",
+        sensitive=S_TIME,
+    ),
+    row(
+        REF_TIME_EMB,
+        "Q4_K_M",
+        "sdcpp",
+        [],
+        ["time_embed=Q4_K"],
+        "F16",
+        (1536, 384),
+        "requested Q4_K, but the last dim 384 is not a multiple of its block size 256",
+        "ref-time-emb-override-sdcpp",
+        sensitive=S_TIME,
+    ),
+    row(
+        REF_TIME_EMB,
+        "Q4_K_M",
+        "sdcpp",
+        [],
+        ["time_embed=Q8_0"],
+        "Q8_0",
+        (1536, 384),
+        "override",
+        "ref-384-q8-fits",
+        sensitive=S_TIME,
+    ),
+    row(REF_CONV_384, "Q4_K_M", "comfy", [], [], "Q4_K", (5184, 256), "last dim 3 does not fit", "ref-conv-384-comfy"),
+    row(REF_CONV_384, "Q4_K_M", "sdcpp", [], [], "F16", (384, 384, 3, 3), "last dim 3", "ref-conv-384-sdcpp"),
+    row(
+        REF_SKIP_1152, "Q5_K_S", "comfy", [], [], "Q5_K", (1728, 256), "last dim 1 does not fit", "ref-skip-1152-comfy"
+    ),
+    row(REF_SKIP_1152, "Q5_K_S", "diffusers", [], [], "F16", (384, 1152, 1, 1), DIFFUSERS, "ref-skip-1152-diffusers"),
     # F16 / BF16 / F32 recipes: everything but 1-D tensors in the recipe's float type
     row(TO_V_MID, "F16", "comfy", [], [], "F16", (1280, 1280), "recipe F16", "f16-recipe"),
     row(CONV3, "F16", "sdcpp", [], [], "F16", (320, 320, 3, 3), "recipe F16", "f16-recipe-conv"),
@@ -357,10 +465,16 @@ CASES = [
     row(TO_V_320, "Q8_0", "comfy", [], [], "Q8_0", (320, 320), "recipe Q8_0", "q8-to_v-320-fits"),
     # the other recipes' upgrade tables
     row(FF2_MID, "Q5_K_M", "comfy", [], [], "Q6_K", (1280, 5120), "upgrades '*.ff.net.2.weight' to Q6_K", "q5km-ff2"),
-    row(TO_V_MID, "Q4_K_S", "comfy", [], [], "Q4_K", (1280, 1280), "recipe Q4_K_S", "q4ks-no-upgrade"),
-    row(TO_V_MID, "Q3_K_M", "comfy", [], [], "Q5_K", (1280, 1280), "upgrades '*.to_v.weight' to Q5_K", "q3km-to_v"),
+    # (a lone tensor is the first of its kind: "the first N" upgrades apply to it)
+    row(TO_K_MID, "Q4_K_S", "comfy", [], [], "Q4_K", (1280, 1280), "recipe Q4_K_S", "q4ks-to_k-base"),
+    row(TO_V_MID, "Q4_K_S", "comfy", [], [], "Q5_K", (1280, 1280), "upgrades the first 4 '*.to_v.weight'", "q4ks-to_v"),
+    row(FF2_MID, "Q4_K_S", "comfy", [], [], "Q5_K", (1280, 5120), "upgrades '*.ff.net.2.weight' to Q5_K", "q4ks-ff2"),
+    row(TO_V_MID, "Q3_K_M", "comfy", [], [], "Q5_K", (1280, 1280), "upgrades the first 2 '*.to_v.weight'", "q3km-to_v"),
     row(FF2_MID, "Q2_K", "comfy", [], [], "Q2_K", (1280, 5120), "recipe Q2_K", "q2k-ff2-no-upgrade"),
-    row(TO_V_MID, "Q2_K", "comfy", [], [], "Q4_K", (1280, 1280), "upgrades '*.to_v.weight' to Q4_K", "q2k-to_v"),
+    row(TO_V_MID, "Q2_K", "comfy", [], [], "Q3_K", (1280, 1280), "upgrades '*.to_v.weight' to Q3_K", "q2k-to_v"),
+    row(FF2_MID, "Q4_0", "sdcpp", [], [], "Q4_1", (1280, 5120), "upgrades '*.ff.net.2.weight' to Q4_1", "q40-ff2"),
+    row(FF2_MID, "Q5_0", "comfy", [], [], "Q5_1", (1280, 5120), "upgrades '*.ff.net.2.weight' to Q5_1", "q50-ff2"),
+    row(TO_V_MID, "Q5_0", "comfy", [], [], "Q5_0", (1280, 1280), "recipe Q5_0", "q50-to_v-base"),
 ]
 
 
@@ -379,16 +493,19 @@ def test_decision_table(name, shape, recipe, flavor, keep, override, sensitive, 
     assert n_stored == n_real  # a reshape never changes the element count
 
 
-# the recipe table of the module docstring: recipe -> (base, to_v, ff.net.2), on middle-block tensors whose last dims
-# (1280, 5120) fit every block size, so that no fitting rule gets in the way
+# the recipe table of the module docstring (ComfyUI-GGUF's tools/lcpp.patch, img_tensor_get_type): recipe -> (base,
+# to_v, ff.net.2), on middle-block tensors whose last dims (1280, 5120) fit every block size, so that no fitting rule
+# gets in the way (one to_v: the first, so "the first N" upgrades apply)
 RECIPE_TABLE = {
     "Q5_K_M": ("Q5_K", "Q6_K", "Q6_K"),
     "Q5_K_S": ("Q5_K", "Q5_K", "Q5_K"),
-    "Q4_K_M": ("Q4_K", "Q6_K", "Q5_K"),
-    "Q4_K_S": ("Q4_K", "Q4_K", "Q4_K"),
+    "Q4_K_M": ("Q4_K", "Q6_K", "Q6_K"),
+    "Q4_K_S": ("Q4_K", "Q5_K", "Q5_K"),
     "Q3_K_M": ("Q3_K", "Q5_K", "Q4_K"),
-    "Q2_K": ("Q2_K", "Q4_K", "Q2_K"),
-    **{q: (q, q, q) for q in ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q4_0", "Q4_1")},
+    "Q2_K": ("Q2_K", "Q3_K", "Q2_K"),
+    "Q5_0": ("Q5_0", "Q5_0", "Q5_1"),
+    "Q4_0": ("Q4_0", "Q4_0", "Q4_1"),
+    **{q: (q, q, q) for q in ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_1", "Q4_1")},
 }
 
 
@@ -469,7 +586,7 @@ def test_plan_keeps_order_and_uses_linear_names():
     tensors = [FF2_MID, CONV3, BIAS, FF0_MID, TO_V_MID]
     got = plan(tensors, r, linear_names={FF2_MID[0], TO_V_MID[0]})
     assert [d.name for d in got] == [t[0] for t in tensors]
-    assert [d.qtype for d in got] == ["Q5_K", "F16", "F32", "F16", "Q6_K"]
+    assert [d.qtype for d in got] == ["Q6_K", "F16", "F32", "F16", "Q6_K"]
     assert DIFFUSERS in got[3].reason
     # and with is_linear given for one tensor, a 1x1 conv declared Linear still needs an exact fit (last dim 1)
     d = decide(*PROJ_IN, r, is_linear=True)
@@ -497,3 +614,85 @@ def test_sd1_family_names_the_sensitive_tensors(module):
     assert sd1.sensitive_reason(module)
     assert sd1.sensitive_reason("down_blocks.0.resnets.0.conv1") is None
     assert sd1.sensitive_reason("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v") is None
+
+
+def test_first_n_upgrades_count_in_the_unets_order():
+    """Q4_K_S upgrades the first 4 to_v, Q3_K_M the first 2 (then Q4_K), as ComfyUI-GGUF's patched llama-quantize
+    does; "first" is the UNet's order (numbers compared as numbers), whatever the order the tensors come in, and a
+    to_v a rule before the upgrades settles (--keep, --override) does not count."""
+    names = [
+        f"{block}.1.transformer_blocks.{i}.{attn}.to_v.weight"
+        for block in ("input_blocks.4", "input_blocks.10", "middle_block")
+        for i in range(2)
+        for attn in ("attn1", "attn2")
+    ]
+    tensors = [(n, (1280, 1280)) for n in reversed(names)]  # the reverse of the UNet's order
+    got = {d.name: d.qtype for d in plan(tensors, Recipe.parse("Q4_K_S"))}
+    assert [got[n] for n in names] == ["Q5_K"] * 4 + ["Q4_K"] * 8  # input_blocks.4 before input_blocks.10
+    got = {d.name: d.qtype for d in plan(tensors, Recipe.parse("Q3_K_M"))}
+    assert [got[n] for n in names] == ["Q5_K"] * 2 + ["Q4_K"] * 10
+    kept = plan(tensors, Recipe.parse("Q3_K_M", keep=["input_blocks.4.1.transformer_blocks.0.*"]))
+    got = {d.name: (d.qtype, d.reason) for d in kept}
+    assert [got[n][0] for n in names] == ["F16", "F16", "Q5_K", "Q5_K"] + ["Q4_K"] * 8
+    assert "after the first 2" in got[names[4]][1]
+    assert unet_order("input_blocks.2.0.weight") < unet_order("input_blocks.10.0.weight")
+
+
+@pytest.mark.parametrize("module", ["conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_1"])
+def test_sdxl_family_names_the_sensitive_tensors(module):
+    """SDXL keeps the add embedding (label_emb.0.0/0.2 <-> add_embedding.linear_1/2) high-precision beside SD's
+    three, as ComfyUI-GGUF's pipeline does; an ordinary Linear is not sensitive."""
+    from unetkit.families import named
+
+    sdxl = named("sdxl")
+    assert sdxl.sensitive_reason(module)
+    assert sdxl.sensitive_reason("add_embedding.linear_2")
+    assert sdxl.sensitive_reason("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_v") is None
+
+
+# ---- the model of ComfyUI-GGUF's own pipeline (quant.gguf.comfy_reference) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tensor, recipe, source, qtype, stored",
+    [
+        # step 1 (convert.py): F16 (F32 for 1-D and <= 1024 elements from an F32 source), rows of 256 when it can
+        pytest.param(CONV_IN, "F16", "F16", "F16", (45, 256), id="f16-conv-in-reshaped"),
+        pytest.param(BIAS, "F16", "F16", "F16", (320,), id="f16-source-bias-f16"),
+        pytest.param(BIAS, "F16", "F32", "F32", (320,), id="f32-source-bias-f32"),
+        pytest.param(("x.weight", (32, 32)), "F16", "F32", "F32", (4, 256), id="small-f32-reshaped"),
+        pytest.param(TO_V_MID, "F16", "F16", "F16", (1280, 1280), id="row-fits-not-reshaped"),
+        # step 2 (llama-quantize + lcpp.patch): embeddings, conv_in, conv_out keep their step-1 type
+        pytest.param(LABEL_EMB_0, "Q4_K_M", "F16", "F16", (1280, 2816), id="label-emb-kept"),
+        pytest.param(TIME_EMB, "Q8_0", "F32", "F16", (1600, 256), id="time-emb-kept-reshaped"),
+        pytest.param(CONV_IN, "Q8_0", "F16", "F16", (45, 256), id="conv-in-kept"),
+        pytest.param(CONV_OUT, "Q4_K_M", "F16", "F16", (45, 256), id="conv-out-kept"),
+        # ... 2-D (reshaped) tensors take the ftype's type and the to_v / ff.net.2 upgrades
+        pytest.param(CONV3, "Q4_K_M", "F16", "Q4_K", (3600, 256), id="conv3x3-q4k"),
+        pytest.param(XL_TO_V_640, "Q4_K_M", "F16", "Q6_K", (1600, 256), id="to_v-q6k"),
+        pytest.param(XL_FF2_DEEP, "Q4_K_M", "F16", "Q6_K", (1280, 5120), id="ff2-q6k"),
+        pytest.param(FF2_MID, "Q4_0", "F16", "Q4_1", (1280, 5120), id="ff2-q41"),
+        pytest.param(TO_V_MID, "Q2_K", "F16", "Q3_K", (1280, 1280), id="q2k-to_v-q3k"),
+        # ... 4-D tensors that step 1 did not reshape are left alone; a K-quant row that does not fit falls back
+        pytest.param(("x.conv.weight", (10, 10, 3, 3)), "Q8_0", "F16", "F16", (10, 10, 3, 3), id="4d-not-quantized"),
+        pytest.param(("x.weight", (10, 320)), "Q4_K_M", "F16", "F16", (10, 320), id="k-row-fallback-f16"),
+        pytest.param(BIAS, "Q8_0", "F16", "F16", (320,), id="1d-not-quantized"),
+    ],
+)
+def test_comfy_reference_rules(tensor, recipe, source, qtype, stored):
+    from unetkit.quant.gguf import comfy_reference
+
+    (d,) = comfy_reference.plan([tensor], recipe, source)
+    assert (d.qtype, d.stored_shape) == (qtype, stored), d.reason
+
+
+def test_comfy_reference_counts_to_v_in_file_order_and_refuses_what_llama_quantize_aborts_on():
+    from unetkit.quant.gguf import comfy_reference
+
+    tensors = [(f"input_blocks.{i}.1.transformer_blocks.0.attn1.to_v.weight", (1280, 1280)) for i in range(6)]
+    assert [d.qtype for d in comfy_reference.plan(tensors, "Q4_K_S")] == ["Q5_K"] * 4 + ["Q4_K"] * 2
+    assert [d.qtype for d in comfy_reference.plan(tensors, "Q3_K_M")] == ["Q5_K"] * 2 + ["Q4_K"] * 4
+    with pytest.raises(QuantError, match="llama-quantize would abort"):
+        comfy_reference.plan([("x.weight", (10, 40))], "Q8_0")  # 400 elements: not reshaped; 40 is no Q8_0 row
+    with pytest.raises(QuantError, match="known are"):
+        comfy_reference.plan([TO_V_MID], "IQ4_XS")

@@ -10,6 +10,8 @@
   codecs/          one codec per type family: legacy (Q8_0, Q4_0, ...), K-quants, floats; fused numba kernels
   tensor_codec.py  quantize()/dequantize() of whole tensors: chunking, checks, dispatch to the codecs
   policy.py        the recipe policy: a pure function (name, shape, recipe, flavor) -> Decision
+  comfy_reference.py  a model of ComfyUI-GGUF's own pipeline (convert.py + patched llama-quantize): its qtype for
+                   each tensor from names and shapes, to size its files and compare ours with them
 
 Names are lazy (PEP 562): importing the policy or the qtype table does not import torch.
 """

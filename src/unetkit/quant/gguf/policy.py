@@ -3,25 +3,39 @@
 No I/O, no printing. Every tensor gets exactly one decision with its reason; a tensor that cannot take the
 requested qtype gets an explicit decision saying so (never a silent fallback). Names are LDM names without prefix.
 
-Recipes (what the user asks for) map to a base qtype plus upgrades for the layers quantization hurts most:
+Recipes (what the user asks for) map to a base qtype plus upgrades for the layers quantization hurts most. The
+upgrades are the ones ComfyUI-GGUF's patched ``llama-quantize`` applies to SD1/SDXL UNets (``tools/lcpp.patch``,
+``img_tensor_get_type``: attention value projections ``.to_v.weight`` and the feed-forward output
+``.ff.net.2.weight``), so that a recipe means here what it means in the files SD users download (file sizes within
+0.4 % of that pipeline's for SD1.5, SDXL and the refiner: ``benchmarks/bench_gguf_sdxl_sizes.py``):
 
-| recipe  | base | upgraded layers (attn value projections `to_v`, feed-forward output `ff.net.2`) |
-|---------|------|------------------------------------------------------------------------------|
-| Q5_K_M  | Q5_K | to_v -> Q6_K, ff.net.2 -> Q6_K                                                  |
-| Q5_K_S  | Q5_K | none                                                                          |
-| Q4_K_M  | Q4_K | to_v -> Q6_K, ff.net.2 -> Q5_K                                                  |
-| Q4_K_S  | Q4_K | none                                                                          |
-| Q3_K_M  | Q3_K | to_v -> Q5_K, ff.net.2 -> Q4_K                                                  |
-| Q2_K    | Q2_K | to_v -> Q4_K                                                                  |
-| others  | itself (F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1)                           |
+| recipe  | base | upgraded layers                                                                  |
+|---------|------|----------------------------------------------------------------------------------|
+| Q5_K_M  | Q5_K | to_v -> Q6_K, ff.net.2 -> Q6_K                                                    |
+| Q5_K_S  | Q5_K | none                                                                             |
+| Q4_K_M  | Q4_K | to_v -> Q6_K, ff.net.2 -> Q6_K                                                    |
+| Q4_K_S  | Q4_K | the first 4 to_v -> Q5_K, ff.net.2 -> Q5_K                                        |
+| Q3_K_M  | Q3_K | the first 2 to_v -> Q5_K, the other to_v -> Q4_K, ff.net.2 -> Q4_K                |
+| Q2_K    | Q2_K | to_v -> Q3_K                                                                     |
+| Q5_0    | Q5_0 | ff.net.2 -> Q5_1                                                                 |
+| Q4_0    | Q4_0 | ff.net.2 -> Q4_1                                                                 |
+| others  | itself (F32, F16, BF16, Q8_0, Q6_K, Q5_1, Q4_1)                                   |
+
+"The first N" counts the tensors that reach the upgrade rule in the UNet's order (LDM names with their numbers
+compared as numbers: input blocks, middle block, output blocks; llama-quantize counts in file order, which gives
+the same tensors for SD1.x, SD2.x and SDXL files), so the choice never depends on how a source file is ordered.
 
 Sensitive tensors stay high-precision by default: the modules the model family names (``Family.sensitive``: conv_in,
-conv_out and the time embedding for SD) in F16, passed in by the caller as ``sensitive``; 1-D tensors (biases,
-norms) in F32. ``keep`` globs keep more tensors high-precision; ``override`` globs set a qtype.
+conv_out and the time embedding for SD; SDXL adds the add embedding, ``label_emb``) in F16, passed in by the caller
+as ``sensitive``; 1-D tensors (biases, norms) in F32. These are the tensors ComfyUI-GGUF's pipeline leaves
+unquantized for SD1/SDXL too (it keeps them, and 1-D tensors, in the source's float type: F16 from an fp16 source).
+``keep`` globs keep more tensors high-precision; ``override`` globs set a qtype.
 
 Flavors (what the consumer can read):
 - comfy: ComfyUI-GGUF. A tensor whose last dim does not fit the block is stored as rows of 256 (when its size
-  allows) with its real shape in ``comfy.gguf.orig_shape.<name>``: convolutions quantize too.
+  allows) with its real shape in ``comfy.gguf.orig_shape.<name>``: convolutions quantize too. Every tensor gets the
+  qtype ComfyUI-GGUF's own pipeline gives it (``comfy_reference`` models that pipeline; the tests compare the two
+  tensor by tensor at full size), except 1-D tensors from an fp16 source (F32 here, F16 there).
 - sdcpp: stable-diffusion.cpp. Exact shapes: only tensors whose last dim is a multiple of the block size are
   quantized (3x3 convolutions stay in F16, with that reason); names must be under 128 bytes (its ggml build).
 - diffusers: diffusers' GGUF loader. Exact shapes, and only 2-D Linear weights are quantized; everything else F16
@@ -30,6 +44,7 @@ Flavors (what the consumer can read):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -44,23 +59,37 @@ FLAVORS = ("comfy", "sdcpp", "diffusers")
 RESHAPE_ROW = 256  # ComfyUI-GGUF's row length for reshaped tensors
 SDCPP_MAX_NAME = 127
 
-#: recipe -> (base qtype, {name pattern: upgraded qtype})
-RECIPES: dict[str, tuple[str, dict[str, str]]] = {
-    "F32": ("F32", {}),
-    "F16": ("F16", {}),
-    "BF16": ("BF16", {}),
-    "Q8_0": ("Q8_0", {}),
-    "Q6_K": ("Q6_K", {}),
-    "Q5_0": ("Q5_0", {}),
-    "Q5_1": ("Q5_1", {}),
-    "Q4_0": ("Q4_0", {}),
-    "Q4_1": ("Q4_1", {}),
-    "Q5_K_M": ("Q5_K", {"*.to_v.weight": "Q6_K", "*.ff.net.2.weight": "Q6_K"}),
-    "Q5_K_S": ("Q5_K", {}),
-    "Q4_K_M": ("Q4_K", {"*.to_v.weight": "Q6_K", "*.ff.net.2.weight": "Q5_K"}),
-    "Q4_K_S": ("Q4_K", {}),
-    "Q3_K_M": ("Q3_K", {"*.to_v.weight": "Q5_K", "*.ff.net.2.weight": "Q4_K"}),
-    "Q2_K": ("Q2_K", {"*.to_v.weight": "Q4_K"}),
+TO_V, FF_OUT = "*.to_v.weight", "*.ff.net.2.weight"
+
+
+@dataclass(frozen=True)
+class Upgrade:
+    """Tensors matching ``glob`` get ``qtype``; with ``first``, only the first ``first`` of them (in the UNet's
+    order) do, and the others get ``rest`` (None: the recipe's base)."""
+
+    glob: str
+    qtype: str
+    first: int | None = None
+    rest: str | None = None
+
+
+#: recipe -> (base qtype, upgrades; the first matching upgrade applies)
+RECIPES: dict[str, tuple[str, tuple[Upgrade, ...]]] = {
+    "F32": ("F32", ()),
+    "F16": ("F16", ()),
+    "BF16": ("BF16", ()),
+    "Q8_0": ("Q8_0", ()),
+    "Q6_K": ("Q6_K", ()),
+    "Q5_0": ("Q5_0", (Upgrade(FF_OUT, "Q5_1"),)),
+    "Q5_1": ("Q5_1", ()),
+    "Q4_0": ("Q4_0", (Upgrade(FF_OUT, "Q4_1"),)),
+    "Q4_1": ("Q4_1", ()),
+    "Q5_K_M": ("Q5_K", (Upgrade(TO_V, "Q6_K"), Upgrade(FF_OUT, "Q6_K"))),
+    "Q5_K_S": ("Q5_K", ()),
+    "Q4_K_M": ("Q4_K", (Upgrade(TO_V, "Q6_K"), Upgrade(FF_OUT, "Q6_K"))),
+    "Q4_K_S": ("Q4_K", (Upgrade(TO_V, "Q5_K", first=4), Upgrade(FF_OUT, "Q5_K"))),
+    "Q3_K_M": ("Q3_K", (Upgrade(TO_V, "Q5_K", first=2, rest="Q4_K"), Upgrade(FF_OUT, "Q4_K"))),
+    "Q2_K": ("Q2_K", (Upgrade(TO_V, "Q3_K"),)),
 }
 
 
@@ -102,13 +131,47 @@ class Recipe:
 
 
 def decide(
-    name: str, shape: Sequence[int], recipe: Recipe, is_linear: bool | None = None, sensitive: str | None = None
+    name: str,
+    shape: Sequence[int],
+    recipe: Recipe,
+    is_linear: bool | None = None,
+    sensitive: str | None = None,
+    rank: int = 0,
 ) -> Decision:
     """The decision for one tensor. ``is_linear``: the tensor is an nn.Linear weight (needed by the diffusers
     flavor; inferred from the shape when None: 2-D means Linear in an SD UNet). ``sensitive``: why the model
-    family keeps this tensor's module at high precision (``Family.sensitive_reason``), or None."""
+    family keeps this tensor's module at high precision (``Family.sensitive_reason``), or None. ``rank``: how many
+    tensors before this one (in the UNet's order) reached the same recipe upgrade; only upgrades limited to "the
+    first N" (Q4_K_S, Q3_K_M) look at it, and ``plan`` computes it."""
     shape = tuple(int(d) for d in shape)
-    base, upgrades = RECIPES[recipe.name]
+    early = _before_upgrades(name, shape, recipe, is_linear, sensitive)
+    if early is not None:
+        return early
+    qtype, why = RECIPES[recipe.name][0], f"recipe {recipe.name}"
+    up = upgrade_for(name, recipe)
+    if up is not None:
+        if up.first is None:
+            qtype, why = up.qtype, f"recipe {recipe.name} upgrades '{up.glob}' to {up.qtype}"
+        elif rank < up.first:
+            qtype, why = up.qtype, f"recipe {recipe.name} upgrades the first {up.first} '{up.glob}' to {up.qtype}"
+        elif up.rest is not None:
+            qtype = up.rest
+            why = f"recipe {recipe.name} upgrades '{up.glob}' after the first {up.first} to {up.rest}"
+        else:
+            why = f"recipe {recipe.name} (its '{up.glob}' upgrade covers only the first {up.first})"
+    return fit(name, shape, qtype, why, recipe.flavor)
+
+
+def upgrade_for(name: str, recipe: Recipe) -> Upgrade | None:
+    """The recipe's upgrade rule for this tensor name, or None."""
+    return next((up for up in RECIPES[recipe.name][1] if matches(name, up.glob)), None)
+
+
+def _before_upgrades(
+    name: str, shape: tuple[int, ...], recipe: Recipe, is_linear: bool | None, sensitive: str | None
+) -> Decision | None:
+    """The decision when a rule before the recipe's upgrades settles it (override, keep, 1-D, float recipe,
+    sensitive layer, diffusers' Linear-only rule); None when the tensor reaches the upgrades."""
 
     def high(qtype: str, reason: str) -> Decision:
         return Decision(name, qtype, shape, shape, reason)
@@ -121,18 +184,19 @@ def decide(
             return high("F16" if len(shape) > 1 else "F32", f"kept by --keep '{glob}'")
     if len(shape) <= 1:
         return high("F32", "1-D tensor (bias or norm): kept in F32")
+    base = RECIPES[recipe.name][0]
     if base in ("F32", "F16", "BF16"):
         return high(base, f"recipe {recipe.name}")
     if sensitive:
         return high("F16", f"{sensitive}: kept in F16")
     if recipe.flavor == "diffusers" and not (is_linear if is_linear is not None else len(shape) == 2):
         return high("F16", "diffusers flavor: diffusers' GGUF loader dequantizes only nn.Linear weights")
-    qtype, why = base, f"recipe {recipe.name}"
-    for glob, up in upgrades.items():
-        if matches(name, glob):
-            qtype, why = up, f"recipe {recipe.name} upgrades '{glob}' to {up}"
-            break
-    return fit(name, shape, qtype, why, recipe.flavor)
+    return None
+
+
+def unet_order(name: str) -> tuple:
+    """Sort key: the UNet's order of LDM names (numbers compared as numbers: input_blocks.2 before input_blocks.10)."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
 
 
 def fit(name: str, shape: tuple[int, ...], qtype: str, why: str, flavor: str = "comfy") -> Decision:
@@ -173,18 +237,32 @@ def plan(
     linear_names: set[str] | None = None,
     sensitive: Mapping[str, str] | None = None,
 ) -> list[Decision]:
-    """Decisions for every (LDM name, shape), in order; checks the flavor's name limits. ``sensitive`` maps the
-    LDM names of the tensors the model family keeps at high precision to the reason."""
-    out = []
-    for name, shape in tensors:
+    """Decisions for every (LDM name, shape), in the given order; checks the flavor's name limits. ``sensitive``
+    maps the LDM names of the tensors the model family keeps at high precision to the reason. Upgrades limited to
+    "the first N" tensors count them in the UNet's order (:func:`unet_order`), whatever the order given."""
+    sensitive = sensitive or {}
+
+    def is_linear(name: str) -> bool | None:
+        return None if linear_names is None else name in linear_names
+
+    for name, _ in tensors:
         if recipe.flavor == "sdcpp" and len((LDM_PREFIX + name).encode()) > SDCPP_MAX_NAME:
             raise QuantError(
                 f"tensor name '{LDM_PREFIX}{name}' is longer than {SDCPP_MAX_NAME} bytes, the most "
                 "stable-diffusion.cpp's ggml build holds; use --flavor comfy (names without prefix)"
             )
-        out.append(
-            decide(
-                name, shape, recipe, None if linear_names is None else name in linear_names, (sensitive or {}).get(name)
-            )
-        )
-    return out
+    ranks: dict[int, int] = {}
+    seen: dict[str, int] = {}
+    for i in sorted(range(len(tensors)), key=lambda i: unet_order(tensors[i][0])):
+        name, shape = tensors[i]
+        up = upgrade_for(name, recipe)
+        if up is None or up.first is None:
+            continue
+        if _before_upgrades(name, tuple(int(d) for d in shape), recipe, is_linear(name), sensitive.get(name)):
+            continue
+        ranks[i] = seen.get(up.glob, 0)
+        seen[up.glob] = ranks[i] + 1
+    return [
+        decide(name, shape, recipe, is_linear(name), sensitive.get(name), ranks.get(i, 0))
+        for i, (name, shape) in enumerate(tensors)
+    ]
