@@ -223,6 +223,17 @@ def repeat(fn, repeats: int, cleanup=None, warmup: bool = True) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS, MiB: ``VmHWM`` from /proc (the high-water mark of this process image). Not
+    ``getrusage``'s ``ru_maxrss``: Linux carries that over fork and exec, so a worker would report at least its
+    parent's peak (a parent that wrote a 3.4 GB source with the safetensors library gave every worker a 3.4 GB
+    floor). ``ru_maxrss`` where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

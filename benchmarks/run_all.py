@@ -1,6 +1,6 @@
 """Every benchmark of BENCHMARKS.md, one script after the other (each writes its JSON under bench_out/).
 
-    python benchmarks/run_all.py            # about 60 minutes on the 2-core VM; run it on a quiet machine
+    python benchmarks/run_all.py            # about 90 minutes on the 2-core VM (SDXL: 30-40); a quiet machine
     python benchmarks/run_all.py --only startup convert_load   # some of them (bench_<subject>.py)
     make bench [ONLY="startup convert_load"]                     # the same
 
@@ -24,6 +24,7 @@ SCRIPTS = [  # the order of BENCHMARKS.md
     ["bench_gguf_codecs.py", "--repeats", "5", "--json", "bench_out/gguf_codecs.json"],
     ["bench_runtime_quant.py"],
     ["bench_verify.py"],
+    ["bench_sdxl.py"],  # full-size SDXL: about 30-40 minutes, 15 GB of disk, 12 GB of free memory
 ]
 
 

@@ -94,6 +94,32 @@ def test_a_record_per_variant_every_field_filled(files):
     assert [BenchRecord.from_dict(d) for d in doc["records"]] == records
 
 
+def test_sdxl_variants(tmp_path):
+    """SDXL's three shapes run (their added_cond_kwargs, a dict of tensors, reach the forward); an fp16 file is
+    computed in float32 on the CPU with its weights held in fp16 (half-precision CPU convolutions are hundreds of
+    times slower), a GGUF file on the fly, a runtime method on float32 weights."""
+    from unetkit.sample import write_ldm_checkpoint
+
+    base = write_ldm_checkpoint(tmp_path / "sdxl.safetensors", "sdxl", "tiny", dtype="fp16")
+    refiner = write_ldm_checkpoint(tmp_path / "refiner.safetensors", "sdxl-refiner", "tiny", dtype="fp32")
+    inpaint = write_ldm_checkpoint(tmp_path / "inpaint.safetensors", "sdxl-inpainting", "tiny", dtype="fp32")
+    gguf = tmp_path / "sdxl-Q8_0.gguf"
+    quantize_file(base, gguf, "gguf:Q8_0")
+    variants = [str(base), str(gguf), str(refiner), str(inpaint)]
+    if HAS_QUANTO:
+        variants.append(f"{base}@quanto:qint8")
+    records = bench(variants, isolate=False, **{**FAST, "runs": 1, "warmup": 0})
+    for r in records:
+        assert r.latency_median_s > 0 and r.dtype == "fp32" and r.load_s > 0
+    fp16 = records[0]
+    n_params = sum(p.numel() for p in tiny_unet("sdxl").parameters())
+    assert fp16.method == "as-stored" and fp16.weight_mb * (1 << 20) == pytest.approx(2 * n_params, rel=1e-6)
+    assert records[1].method == "on-the-fly" and records[1].weight_mb < 0.7 * fp16.weight_mb
+    if HAS_QUANTO:
+        q = records[-1]
+        assert q.method == "quanto:qint8" and q.quantize_s > 0 and q.weight_mb < 0.8 * fp16.weight_mb
+
+
 def test_isolated_variant_runs_in_its_own_process(files):
     (r,) = bench([files["st"]], isolate=True, **FAST)
     assert_complete(r, runs=2)

@@ -7,10 +7,17 @@ to LDM -> byte-for-byte comparison -> strict loads, forward, and an exact `unetk
 (every weight and the output bit for bit) -> what diffusers' own from_single_file does with the same file -> GGUF
 Q8_0 and Q4_K_M, run on the fly, with their size and output SQNR -> torchao and optimum-quanto -> `unetkit verify`
 of the quantized artifacts against the original (quick preset, small latents, per-layer blame), with one HTML
-report for all six. Each model is loaded once; about 4 minutes on 2 CPU cores.
+report for all six. Each model is loaded once (the reference twice); about 4 minutes on 2 CPU cores.
 
     python -m unetkit.demo                       # built-in default
-    python -m unetkit.demo path/to/model.safetensors
+    python -m unetkit.demo path/to/model.safetensors     # any SD1.x, SD2.x or SDXL UNet file unetkit reads
+
+Memory: every float model is held as its file stores it and computed in float32, cast layer by layer
+(``load_unet(..., dequantize="on-the-fly", compute_dtype="fp32")``: bit for bit the output of a whole float32
+copy), the reference is let go while steps 6-8 run and loaded again for step 9, and only small reloaded quantized
+models are kept between steps 8 and 9. For a full-size fp16 SDXL (5.1 GB) the peak is step 8's float32 copy that
+torchao and quanto quantize from (10.3 GB), with the file's pages while it loads (5.1 GB) or its quantized twin
+(2.6 GB): about 16 GB (a float32 reference held throughout, as before, would add 10.3 GB to every step).
 """
 
 from __future__ import annotations
@@ -69,6 +76,16 @@ def forward(unet: torch.nn.Module, size: int) -> torch.Tensor:
     return unet(**example_inputs(unet, size)).sample
 
 
+def load_float32(path) -> torch.nn.Module:
+    """A float UNet file or folder, strictly loaded, computed in float32 with its weights held as stored (an
+    fp16 file: half the memory of a float32 copy, the same output bit for bit)."""
+    return load_unet(path, dequantize="on-the-fly", compute_dtype=torch.float32)
+
+
+#: reloaded quantized models up to this size are kept from step 8 for step 9; bigger ones are loaded again there
+KEEP_BYTES = 2 << 30
+
+
 def run_forward(path, size: int, dequantize: str = "load") -> torch.Tensor:
     unet = load_unet(path, dtype=torch.float32, dequantize=dequantize)
     out = forward(unet, size)
@@ -81,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m unetkit.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("checkpoint", nargs="?", help="your SD1.x/2.x UNet file or folder (default: built-in)")
+    ap.add_argument("checkpoint", nargs="?", help="your SD1.x/2.x/SDXL UNet file or folder (default: built-in)")
     ap.add_argument("--out", default="demo_out", help="folder for everything the demo writes")
     ap.add_argument("--size", type=int, default=16, help="latent size of the forward checks (64 = 512 px)")
     ap.add_argument("--verify-size", type=int, default=8, help="latent size of step 9's verify runs")
@@ -141,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         ok = same == len(a.tensors) == len(b.tensors)
 
         t0 = step(f"5. strict load (load_unet), forward and exact verify, fp32, {args.size}x{args.size} latents")
-        reference = load_unet(src, dtype=torch.float32)  # loaded once: the reference of every later step
+        reference = load_float32(src)  # the reference of steps 5 and 9 (let go in between: steps 6-8 need memory)
         ref = forward(reference, args.size)
         print(f"   original          loaded strictly; output {tuple(ref.shape)}, finite: {bool(ref.isfinite().all())}")
         reports: dict[Path, Report] = {}
         for label, path in (("diffusers folder", out / "unet_diffusers"), ("round trip", back)):
             # loaded once: `unetkit verify` (exact mode) runs on this model: every weight bit for bit, then one
             # forward of both models on the same inputs, compared bit for bit (step 9 reports it with the others)
-            cand = load_unet(path, dtype=torch.float32)
+            cand = load_float32(path)
             r = reports[path] = verify_one(reference, src, path, cand, args.size)
             del cand
             gc.collect()
@@ -161,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"output max |diff| = {row['max_abs']:.3g}, bit-identical: {row['identical']}"
             )
             ok &= r.passed
+        del reference
+        gc.collect()
         done(t0)
 
         t0 = step("6. for comparison: diffusers' from_single_file on the same file")
@@ -193,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         done(t0)
 
         t0 = step("9. unetkit verify: every artifact against the original (exact when lossless), one HTML report")
+        reference = load_float32(src)
         artifacts = [
             out / "unet_diffusers",
             back,
@@ -226,12 +246,12 @@ RUNTIME_METHODS = ("torchao:int8-weight-only", "quanto:qint8")
 
 def verify_one(reference: torch.nn.Module, src: Path, path: Path, model: torch.nn.Module | None, size: int) -> Report:
     """``unetkit verify`` of the artifact ``path`` (or of ``model``, already loaded from it) against ``reference``
-    (``src`` loaded once, fp32), at ``size`` x ``size`` latents. Lossless pairs (exact mode): every weight bit for
-    bit, then one forward each (``exact_fast``). Quantized ones: the quick preset (two timesteps, a two-step LCM
-    loop) and per-layer blame."""
-    # a model passed in is already fp32 as loaded (casting a quantized one again is left to load_unet)
-    cand, dtype = (path, "fp32") if model is None else (model, None)
-    r = verify(reference, cand, size=size, dtype=dtype, quick=True, exact_fast=True)
+    (``src`` as stored, computed in fp32), at ``size`` x ``size`` latents. Lossless pairs (exact mode): every weight
+    bit for bit, then one forward each (``exact_fast``). Quantized ones: the quick preset (two timesteps, a two-step
+    LCM loop) and per-layer blame."""
+    # no dtype: verify computes every side in float32 (fp16/bf16 weights cast layer by layer, GGUF decoded to it),
+    # and a dtype would cast the reference model passed in as a whole
+    r = verify(reference, path if model is None else model, size=size, quick=True, exact_fast=True)
     r.reference.source, r.candidate.source = str(src), str(path)
     return r
 
@@ -275,21 +295,29 @@ def runtime_quant_outcome(src: Path, method: str, ref: torch.Tensor, size: int, 
         t_step = time.perf_counter() - t0
     share = report.params_quantized / report.params_total
     size_now = weight_bytes(reloaded)
+    kept = reloaded if size_now <= KEEP_BYTES else None  # step 9 loads a big one again rather than hold it
     line = (
         f"{method:25s} weights {size_now / 2**20:5.0f} MiB ({size_now / fp32_bytes:.2f}x fp32), "
         f"{100 * share:.1f} % of parameters quantized (Conv2d included); quantized in {t_quant:.1f} s; "
         f"reloaded from {folder.name}/: one step {t_step:.2f} s; output vs original: {compare(ref, o)}"
     )
-    return line, folder, reloaded
+    return line, folder, kept
 
 
 def diffusers_single_file_outcome(src: Path, config_dir: Path, ref: torch.Tensor, size: int) -> str:
+    """diffusers' ``from_single_file`` (with the local config: no Hub) in the file's own dtype, computed in float32
+    as the reference is (cast layer by layer: the same float32 values a float32 load gives)."""
     from diffusers import UNet2DConditionModel
 
+    from unetkit.loading import cast_in_forward, default_dtype
+
+    held = default_dtype(open_unet(src))
     try:
-        unet = UNet2DConditionModel.from_single_file(str(src), config=str(config_dir), torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_single_file(str(src), config=str(config_dir), torch_dtype=held)
     except Exception as e:  # we are showing what the other tool does, whatever it raises
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if held != torch.float32:
+        cast_in_forward(unet, torch.float32)
     try:
         with torch.no_grad():
             o = unet(**example_inputs(unet, size)).sample

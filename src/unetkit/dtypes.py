@@ -94,9 +94,13 @@ def short(dtype: Any) -> str:
 
 def compute_dtype(model: Any) -> torch.dtype:
     """The dtype a (possibly quantized) model computes in: that of its first plain floating parameter. Quantized
-    weights are tensor subclasses (torchao, quanto) or integer buffers (GGUF); biases and norms stay plain."""
+    weights are tensor subclasses (torchao, quanto) or integer buffers (GGUF); biases and norms stay plain. A model
+    whose weights are cast layer by layer in forward (``unetkit.loading.cast_in_forward``) says so itself."""
     import torch
 
+    declared = getattr(model, "unetkit_compute_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
     for p in model.parameters():
         if type(p.data) is torch.Tensor and p.dtype.is_floating_point:
             dtype: torch.dtype = p.dtype

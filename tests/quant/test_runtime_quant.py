@@ -45,7 +45,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-VARIANTS = ["sd1.x", "sd1.x-lcm"]
+#: SD1.x (plain and LCM's cond_proj) and SDXL's three shapes (base, refiner, inpainting: the add embedding, deep
+#: transformer stacks, three or four levels)
+VARIANTS = ["sd1.x", "sd1.x-lcm", "sdxl", "sdxl-refiner", "sdxl-inpainting"]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,12 @@ def test_method_quantizes_convs_and_reloads_bit_exact(method, variant, cases):
         assert not by_name[kept].quantized and by_name[kept].reason
     if variant == "sd1.x-lcm":
         assert not by_name["time_embedding.cond_proj"].quantized
+    if variant.startswith("sdxl"):  # the family's sensitive list: the add embedding stays float too
+        for kept in ("add_embedding.linear_1", "add_embedding.linear_2"):
+            assert not by_name[kept].quantized and "add embedding" in by_name[kept].reason
+        # the deep stacks are quantized: every transformer block of the deepest level
+        deep = [d for d in report.decisions if ".transformer_blocks." in d.name and d.kind == "Linear"]
+        assert deep and all(d.quantized for d in deep)
     if method == "torchao:int8-dynamic":
         conv3 = next(d for d in report.decisions if d.kind == "Conv2d 3x3" and d.quantized)
         assert "activations stay float" in conv3.reason

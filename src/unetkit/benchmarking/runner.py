@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -171,6 +172,37 @@ def _prepare(variant: Variant, device: torch.device) -> None:
         synchronize(device)
 
 
+def _load(variant: Variant, settings: Settings, device: torch.device) -> torch.nn.Module:
+    """The variant's UNet, ready to run. On the CPU, weights held in fp16/bf16 are computed in float32: torch's
+    half-precision CPU convolutions are hundreds of times slower (a 640-channel 3x3 convolution on a 64x64 map:
+    208 s in fp16, 0.27 s in fp32 on a 2-core AVX2 VM), so a bench of an fp16 SDXL file would measure that
+    and little else. As stored, the weights stay in their dtype and each layer's are cast for its forward
+    (``loading.cast_in_forward``: resident memory stays that of the stored weights); under a runtime method
+    without ``dtype``, the UNet is loaded in float32 first (quantized from fp32 weights, it computes in fp32).
+    GGUF files decode to float32 unless ``dtype`` says otherwise; on CUDA every file computes as held."""
+    from unetkit.dtypes import parse_dtype
+    from unetkit.formats.quantized_dir import is_quantized_dir
+    from unetkit.loading import default_dtype, load_unet
+    from unetkit.resolve import open_unet
+
+    if device.type != "cpu" or is_quantized_dir(variant.path):
+        return load_unet(variant.path, dtype=settings.dtype, device=device, dequantize=variant.dequantize)
+    source = open_unet(variant.path)
+    held = parse_dtype(settings.dtype) or default_dtype(source)
+    if held not in (torch.float16, torch.bfloat16):
+        return load_unet(source, dtype=settings.dtype, device=device, dequantize=variant.dequantize)
+    if variant.runtime_method is not None:
+        return load_unet(source, dtype=settings.dtype or "fp32", device=device)
+    return load_unet(source, dtype=settings.dtype, device=device, dequantize="on-the-fly", compute_dtype="fp32")
+
+
+def _to(inputs: Any, dtype: torch.dtype, device: torch.device) -> Any:
+    """Inputs (tensors, possibly in dicts: SDXL's ``added_cond_kwargs``) in the compute dtype, on the device."""
+    if isinstance(inputs, dict):
+        return {k: _to(v, dtype, device) for k, v in inputs.items()}
+    return (inputs.to(dtype) if inputs.is_floating_point() else inputs).to(device)
+
+
 def _forward_fn(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], object]:
     def forward() -> object:
         return unet(**inputs, return_dict=False)
@@ -181,7 +213,6 @@ def _forward_fn(unet: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Calla
 def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolated: bool = False) -> BenchRecord:
     """Measure one variant in this process (see the module docstring for the steps)."""
     from unetkit.dtypes import short
-    from unetkit.loading import load_unet
     from unetkit.metrics import weight_bytes
     from unetkit.sample import example_inputs
 
@@ -196,7 +227,7 @@ def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolat
             torch.cuda.reset_peak_memory_stats(device)
         rss0 = rss_bytes()
         t0 = time.perf_counter()
-        unet = load_unet(variant.path, dtype=settings.dtype, device=device, dequantize=variant.dequantize)
+        unet = _load(variant, settings, device)
         synchronize(device)
         t1 = time.perf_counter()
         if variant.runtime_method is not None:
@@ -208,8 +239,7 @@ def measure_variant(variant: Variant | str | Path, settings: Settings, *, isolat
         rss1 = rss_bytes()
         weights = weight_bytes(unet)
         dtype = compute_dtype(unet)
-        inputs = example_inputs(unet, size=settings.size, batch=settings.batch, seed=settings.seed)
-        inputs = {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in inputs.items()}
+        inputs = _to(example_inputs(unet, size=settings.size, batch=settings.batch, seed=settings.seed), dtype, device)
         with torch.inference_mode():
             latency = time_calls(_forward_fn(unet, inputs), settings.runs, settings.warmup, device)
         rss2 = rss_bytes()

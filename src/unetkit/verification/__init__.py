@@ -13,6 +13,8 @@ from unetkit._lazy import lazy_attributes
 
 _LAZY = {
     "PRESETS": ".presets",
+    "estimate_memory": ".memory",
+    "MemoryEstimate": ".memory",
     "verify": ".compare",
     "compare_weights": ".compare",
     "render_html": ".html",
@@ -25,6 +27,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from unetkit.verification.compare import compare_weights, verify
     from unetkit.verification.html import render_html, write_html
+    from unetkit.verification.memory import MemoryEstimate, estimate_memory
     from unetkit.verification.presets import PRESETS
     from unetkit.verification.report import SCHEMA, SCHEMA_PATH, Report
 

@@ -1,7 +1,8 @@
 """Per-layer blame: which modules make the candidate's output differ, and where the error grows.
 
 One UNet call is recorded in both models with forward hooks on every leaf module (a module without children:
-Linear, Conv2d, norms, activations, and the swapped-in quantized layers), in execution order:
+Linear, Conv2d, norms, activations, and the swapped-in quantized layers), in execution order, the two passes in
+lockstep (:func:`run_blame`: no activation is stored):
 
 * ``local``: the candidate's module run on the *reference's* inputs to that module, against the reference's output.
   Only the module's own weights or code can make this differ, so a perturbed, zeroed, missing or badly quantized
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,68 +163,182 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 def run_blame(reference: nn.Module, candidate: nn.Module, run_reference, run_candidate, timestep: int) -> BlameResult:
     """Record one call of each model (``run_*()`` performs it) and compare module by module.
 
-    Memory: during the reference's pass each candidate module runs at once on the inputs just seen (the local
-    error), so only the reference's leaf outputs and first inputs are kept; the candidate's pass compares against
-    them as it goes."""
+    Memory, by design independent of the network's depth: the two passes run in lockstep, leaf by leaf. The
+    reference's pass runs in this thread and the candidate's in a helper thread, and they take turns at every leaf
+    module (never computing at the same time): at each leaf the reference's hook runs the candidate's module on
+    the same inputs (the local error) and hands its output and first input over; the candidate's pass then runs up
+    to its own call of that leaf, compares (the propagated error) and hands the turn back. So one leaf's
+    activations are alive at a time, not every leaf's: keeping a float32 copy of each leaf's output and first
+    input for the candidate's pass, as this did before, costs 5.9 GB per sample for a full-size SDXL at 64x64
+    latents and 23 GB at 128x128 (1,333 leaf calls), and nothing now (:mod:`unetkit.verification.memory`). When
+    the candidate calls other leaves than the reference (a different module tree), it runs to its end alone and
+    propagated errors are not compared from there on; local errors are unaffected."""
     cand_dtype = compute_dtype(candidate)
     result = BlameResult(timestep)
-    kept: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # reference (output, first input) per call
     seen: dict[str, int] = {}
+    step = _Lockstep()
+
+    main = threading.get_ident()
+    busy = [False]  # the local error runs a candidate module: hooks must not fire for that call
 
     def ref_hook(name: str):
         def hook(module, args, kwargs, output):
+            if busy[0] or threading.get_ident() != main:
+                return
             out = _first_tensor(output)
-            first = _first_tensor(args)
             call = seen.get(name, 0)
             seen[name] = call + 1
-            local = _local_error(candidate, name, args, kwargs, out, cand_dtype)
-            # copies: the network may change a tensor in place after this hook has seen it
-            kept.append(
-                (
-                    out.detach().clone() if out is not None else None,
-                    first.detach().clone() if first is not None else None,
-                )
-            )
+            busy[0] = True
+            try:
+                local = _local_error(candidate, name, args, kwargs, out, cand_dtype)
+            finally:
+                busy[0] = False
+            index = len(result.entries)
             result.entries.append(
-                ModuleBlame(name, type(module).__name__, block_of(name), len(result.entries), call, local, None, None)
+                ModuleBlame(name, type(module).__name__, block_of(name), index, call, local, None, None)
             )
+            # handed over as they are, no copy: this pass waits until the candidate's has compared them
+            step.ref_posts(index, name, out, _first_tensor(args))
 
         return hook
 
-    _run_hooked(reference, ref_hook, run_reference)
-
-    position = {"i": 0, "aligned": True}
-
     def cand_hook(name: str):
         def hook(module, args, kwargs, output):
-            i = position["i"]
-            position["i"] += 1
-            # matched call by call while both passes call the same leaves in the same order
-            if not position["aligned"] or i >= len(result.entries) or result.entries[i].module != name:
-                if position["aligned"]:
-                    log.warning(
-                        "blame: the candidate calls %s where the reference called %s; propagated errors "
-                        "are not compared from there on (local errors are unaffected)",
-                        name,
-                        result.entries[i].module if i < len(result.entries) else "nothing",
-                    )
-                position["aligned"] = False
+            if threading.get_ident() == main:  # a local error, run from the reference's hook
                 return
-            ref_out, ref_in = kept[i]
+            got = step.cand_takes(name)
+            if got is None:
+                return
+            i, ref_out, ref_in = got
             out, first = _first_tensor(output), _first_tensor(args)
             entry = result.entries[i]
             if out is not None and ref_out is not None and out.shape == ref_out.shape:
                 entry.propagated = compare(ref_out.float(), out.float())
             if first is not None and ref_in is not None and first.shape == ref_in.shape:
                 entry.input_sqnr_db = compare(ref_in.float(), first.float()).sqnr_db
+            step.cand_done()
 
         return hook
 
+    threads = torch.get_num_threads()
+
+    def candidate_pass() -> None:
+        torch.set_num_threads(threads)  # a new thread starts with torch's default count, not this one's
+        try:
+            step.wait("cand")
+            if not step.aborted:
+                with torch.no_grad():  # grad mode is per thread
+                    _run_hooked(candidate, cand_hook, run_candidate)
+        except BaseException as e:  # raised in this thread after the join
+            step.error = e
+        finally:
+            step.finish("cand")
+
+    helper = threading.Thread(target=candidate_pass, name="unetkit-blame-candidate", daemon=True)
+    helper.start()
     try:
-        _run_hooked(candidate, cand_hook, run_candidate)
+        _run_hooked(reference, ref_hook, run_reference)
+    except BaseException:
+        step.abort()
+        raise
     finally:
-        kept.clear()
+        step.finish("ref")
+        helper.join()
+        _release_thread_buffers()  # the candidate's layers run here too (local errors): their scratch goes
+    if step.error is not None and not isinstance(step.error, _Aborted):
+        raise step.error
     return result
+
+
+class _Aborted(Exception):
+    """Stops the candidate's pass when the reference's failed."""
+
+
+class _Lockstep:
+    """Two passes taking turns ('ref' and 'cand') at every leaf call, with one leaf's activations handed over.
+
+    The reference's pass starts and posts leaf i, then waits for its turn; the candidate's pass takes leaf i at its
+    own i-th leaf call, compares and hands the turn back. A pass that ends, fails or falls out of step frees the
+    other one for good, so nobody waits for a pass that is gone."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.turn = "ref"
+        self.finished: set[str] = set()
+        self.slot: tuple[int, str, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.taken = 0  # leaf calls the candidate has made
+        self.aligned = True
+        self.aborted = False
+        self.error: BaseException | None = None
+
+    def wait(self, side: str) -> None:
+        other = "cand" if side == "ref" else "ref"
+        with self.cond:
+            while self.turn != side and other not in self.finished:
+                self.cond.wait()
+
+    def _hand(self, to: str) -> None:
+        with self.cond:
+            self.turn = to
+            self.cond.notify_all()
+
+    def ref_posts(self, index: int, name: str, out: torch.Tensor | None, first: torch.Tensor | None) -> None:
+        if "cand" in self.finished:
+            return
+        self.slot = (index, name, out, first)
+        self._hand("cand")
+        self.wait("ref")
+        self.slot = None
+
+    def cand_takes(self, name: str) -> tuple[int, torch.Tensor | None, torch.Tensor | None] | None:
+        """The reference's (index, output, first input) for the candidate's current leaf call, or None when the
+        two passes are out of step (then the candidate runs to its end alone)."""
+        if self.aborted:
+            raise _Aborted
+        i = self.taken
+        self.taken += 1
+        if not self.aligned:
+            return None
+        slot = self.slot
+        if slot is None or slot[0] != i or slot[1] != name:
+            log.warning(
+                "blame: the candidate calls %s where the reference called %s; propagated errors are not "
+                "compared from there on (local errors are unaffected)",
+                name,
+                slot[1] if slot is not None else "nothing",
+            )
+            self.aligned = False  # keep the turn until this pass ends: the two never compute at once
+            return None
+        return slot[0], slot[2], slot[3]
+
+    def cand_done(self) -> None:
+        self._hand("ref")
+        self.wait("cand")
+
+    def abort(self) -> None:
+        with self.cond:
+            self.aborted = True
+            self.cond.notify_all()
+
+    def finish(self, side: str) -> None:
+        with self.cond:
+            self.finished.add(side)
+            if side == "ref":
+                self.slot = None
+            self.cond.notify_all()
+
+
+def _release_thread_buffers() -> None:
+    """Drop this thread's per-layer scratch of weights decoded (GGUF) or cast (``cast_in_forward``) in forward:
+    the candidate's layers ran in this thread for their local errors, outside a forward of their own model."""
+    import sys
+
+    from unetkit.loading import release_cast_buffers
+
+    release_cast_buffers()
+    gguf = sys.modules.get("unetkit.quant.runtime.gguf_backend")  # loaded only when a GGUF model is
+    if gguf is not None:
+        gguf.release_buffers()
 
 
 def _run_hooked(model: nn.Module, make_hook, run) -> None:

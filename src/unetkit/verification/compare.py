@@ -62,19 +62,32 @@ def verify(
     blame: bool = True,
     quick: bool = False,
     dtype: str | torch.dtype | None = None,
-    prediction_type: str = "epsilon",
+    prediction_type: str | None = None,
     progress: Progress | None = None,
     exact_fast: bool = False,
 ) -> Report:
     """Compare ``candidate`` with ``reference`` (paths ``load_unet`` reads, or loaded UNets) and return a
     :class:`~unetkit.verification.report.Report`. ``exact``: None decides (exact when neither side is quantized and the
     dtypes agree). ``min_sqnr``: the report fails below it (dB, worst timestep and final latents). ``quick``:
-    fewer timesteps and steps (about 2 minutes for a full-size SD1.5 on 2 CPU cores instead of about 10). Nothing
-    is raised for a failing verification: see ``report.passed`` (the CLI turns it into exit code 1).
+    fewer timesteps and steps (about 2 minutes for a full-size SD1.5 on 2 CPU cores instead of about 10; a
+    full-size SDXL, 3.2 TFLOP per guided call at 64x64 against SD1.5's 1.6, about 5 minutes, or 17 at 128x128).
+    Nothing is raised for a failing verification: see ``report.passed`` (the CLI turns it into exit code 1).
+    Memory: each side is held as stored (fp16/bf16 weights computed in float32 layer by layer, GGUF blocks decoded
+    layer by layer) and blame stores no activations; :func:`unetkit.verification.memory.estimate_memory` gives
+    the peak by component (a full-size SDXL, fp16 against Q8_0: about 10 GB). ``dtype``: both sides' weights in
+    this dtype (loaded paths; a model passed in is cast as a whole); fp16/bf16 weights loaded from paths are
+    computed in float32 all the same (half-precision CPU convolutions are hundreds of times slower); the report's
+    ``settings.compute_dtype`` says what each side computed in. SDXL's ``added_cond_kwargs`` come from the
+    family (seeded ``text_embeds`` and ``time_ids``; under CFG the unconditional half gets a pooled embedding of its
+    own, as a negative prompt does; ``prompt_embeds`` files may hold ``pooled_prompt_embeds`` and
+    ``negative_pooled_prompt_embeds``).
     ``exact_fast``: in exact mode, when every weight is bit-identical, confirm with one forward per model (the
     middle timestep, at ``size``) instead of the timestep sweep, the sampling loop and the blame; the report then
-    has one timestep row, no ``sampling`` and no ``blame``. A differing weight, or measured mode, runs in full."""
+    has one timestep row, no ``sampling`` and no ``blame``. A differing weight, or measured mode, runs in full.
+    ``prediction_type``: the schedulers' (epsilon or v_prediction); None takes the reference's, as its file says
+    it (``unetkit.prediction``); the report's settings say which and where from."""
     t0 = time.perf_counter()
+    prediction_type, prediction_source = _prediction_type(reference, prediction_type)
     preset = PRESETS["quick" if quick else "default"]
     check_settings(timesteps=timesteps, steps=steps, size=size, batch=batch, guidance=guidance, min_sqnr=min_sqnr)
     ref_model, ref_side = _load(reference, dtype, "reference")
@@ -118,6 +131,7 @@ def verify(
             "cfg": cfg_mult == 2,
             "lcm_guidance_embedding": lcm,
             "prediction_type": prediction_type,
+            "prediction_type_source": prediction_source,
             "exact_mode": exact,
             "min_sqnr_db": min_sqnr,
             "blame": blame,
@@ -125,6 +139,11 @@ def verify(
             "vae": str(vae) if isinstance(vae, (str, Path)) else (type(vae).__name__ if vae is not None else None),
             "preset": "quick" if quick else "default",
             "device": "cpu",
+            # what each side computes in (fp16/bf16 weights are cast to fp32 layer by layer: ``_load``)
+            "compute_dtype": {
+                "reference": str(compute_dtype(ref_model)).removeprefix("torch."),
+                "candidate": str(compute_dtype(cand_model)).removeprefix("torch."),
+            },
             "unet_calls": total,
         },
     )
@@ -200,9 +219,14 @@ def _load(src: str | Path | nn.Module, dtype, role: str) -> tuple[nn.Module, Sid
         else:
             source = open_unet(path)
             stored_quantized = any(e.qtype is not None for e in source.tensors.values())  # GGUF blocks
-            # GGUF runs on the fly, as users run it: weights stay packed (a full-size fp32 decode would add 2.5 GB
-            # next to the reference), and 'load' gives the same output bit for bit (tested)
-            model = load_unet(source, dtype=dtype, dequantize="on-the-fly" if stored_quantized else "load")
+            # Weights stay as stored and each layer decodes or casts its own in forward: GGUF runs on the fly, as
+            # users run it (a full-size fp32 decode would add 2.5 GB for SD1.5, 10.3 GB for SDXL, next to the
+            # reference; 'load' gives the same output bit for bit, tested), and fp16/bf16 weights are computed in
+            # fp32, cast layer by layer (loading.cast_in_forward: half-precision CPU convolutions are hundreds of
+            # times slower, and an SDXL reference cast whole would hold 10.3 GB instead of 5.1)
+            model = load_unet(
+                source, dtype=dtype, dequantize="on-the-fly", compute_dtype=_cpu_compute_dtype(source, dtype)
+            )
             variant = source.spec.variant
         name = str(path)
     params = [*model.parameters(), *model.buffers()]
@@ -222,6 +246,38 @@ def _load(src: str | Path | nn.Module, dtype, role: str) -> tuple[nn.Module, Sid
         quantized=quantized,
         parameters=sum(p.numel() for p in model.parameters()),
     )
+
+
+def _cpu_compute_dtype(source, dtype) -> torch.dtype | None:
+    """float32 for weights held in fp16/bf16 (verify runs on the CPU); None (the weights' own) otherwise."""
+    from unetkit.dtypes import parse_dtype
+    from unetkit.loading import default_dtype
+
+    held = parse_dtype(dtype) or default_dtype(source)
+    return torch.float32 if held in (torch.float16, torch.bfloat16) else None
+
+
+def _prediction_type(reference: str | Path | nn.Module, given: str | None) -> tuple[str, str]:
+    """The schedulers' prediction type and where it came from: as given, else what the reference's file says."""
+    from unetkit.prediction import TYPES
+
+    if given is not None:
+        if given not in TYPES:
+            raise UnetkitError(f"prediction_type={given!r}; use one of {', '.join(TYPES)}")
+        return given, "given (--prediction-type)"
+    if isinstance(reference, nn.Module):
+        config: Any = reference.config
+        try:
+            family = families.for_config(dict(config))
+        except UnetkitError:
+            return "epsilon", "default: a loaded model carries no marker, and its family is unknown"
+        return family.prediction_type, f"family default ({family.title}): a loaded model carries no marker"
+    from unetkit.resolve import prediction_of
+
+    if not Path(reference).exists():
+        return "epsilon", "default"  # _load names the missing file
+    found = prediction_of(reference)
+    return found.type, f"the reference's {found.where()}"
 
 
 def _variant(model: nn.Module) -> str:
@@ -323,7 +379,7 @@ def _predict(model: nn.Module, inputs, latents: torch.Tensor, t: int, guided: bo
     if guided and inputs.uncond is not None:
         x2 = torch.cat([x, x])
         ehs = torch.cat([inputs.uncond[: latents.shape[0]], cond])
-        kwargs.update(inputs.added_cond_kwargs(latents.shape[0], repeat=2))  # the family's extra conditioning
+        kwargs.update(inputs.added_cond_kwargs(latents.shape[0], guided=True))  # [uncond, cond] as ehs
         out = model(x2.to(dt), t, encoder_hidden_states=ehs.to(dt), **kwargs).sample.float()
         un, co = out.chunk(2)
         return un + inputs.guidance * (co - un)

@@ -72,17 +72,19 @@ class VerifyInputs:
     guidance: float
     embeds_source: str  # "random (seed S)" or the file they came from
     added_cond: dict[str, torch.Tensor] | None = None  # the family's extra conditioning (SDXL: text_embeds, time_ids)
+    added_uncond: dict[str, torch.Tensor] | None = None  # the same for CFG's unconditional half (negative pooled)
 
-    def added_cond_kwargs(self, batch: int, repeat: int = 1) -> dict[str, dict[str, torch.Tensor]]:
-        """``{"added_cond_kwargs": ...}`` for the first ``batch`` rows, repeated ``repeat`` times (CFG doubles the
-        batch); empty when the family needs none."""
+    def added_cond_kwargs(self, batch: int, guided: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"added_cond_kwargs": ...}`` for the first ``batch`` rows; empty when the family needs none. ``guided``:
+        for a classifier-free-guidance call, whose batch is ``[unconditional rows, conditional rows]`` (as
+        ``encoder_hidden_states``): the unconditional rows get ``added_uncond`` (SDXL: the negative pooled text
+        embedding, the same time ids), the conditional ones ``added_cond``, as diffusers' SDXL pipelines do."""
         if not self.added_cond:
             return {}
-        return {
-            "added_cond_kwargs": {
-                k: v[:batch].repeat(repeat, *([1] * (v.dim() - 1))) for k, v in self.added_cond.items()
-            }
-        }
+        if not guided:
+            return {"added_cond_kwargs": {k: v[:batch] for k, v in self.added_cond.items()}}
+        uncond = self.added_uncond or self.added_cond
+        return {"added_cond_kwargs": {k: torch.cat([uncond[k][:batch], v[:batch]]) for k, v in self.added_cond.items()}}
 
 
 def make_inputs(
@@ -113,27 +115,54 @@ def make_inputs(
     lcm = bool(config.time_cond_proj_dim)
     timestep_cond = guidance_embedding(guidance - 1.0, config.time_cond_proj_dim, batch) if lcm else None
     use_cfg = scheduler != "lcm" and not lcm and guidance != 1.0
-    added = families.for_config(dict(config)).added_cond_kwargs(config, batch, g)
-    return VerifyInputs(x0, noise, extra, cond, uncond if use_cfg else None, timestep_cond, guidance, source, added)
+    family = families.for_config(dict(config))
+    # the family's extra conditioning, drawn after everything above (the inputs of other families stay as they
+    # were); CFG's unconditional half gets a draw of its own, as a negative prompt has its own pooled embedding
+    added = family.added_cond_kwargs(config, batch, g)
+    added_uncond = family.added_cond_kwargs(config, batch, g) if added else None
+    if added and prompt_embeds is not None:
+        pooled, negative = load_pooled_embeds(prompt_embeds, batch, added)
+        if pooled is not None:
+            added["text_embeds"] = pooled
+        if negative is not None and added_uncond is not None:
+            added_uncond["text_embeds"] = negative
+    return VerifyInputs(
+        x0, noise, extra, cond, uncond if use_cfg else None, timestep_cond, guidance, source, added, added_uncond
+    )
+
+
+def load_pooled_embeds(
+    path: str | Path, batch: int, added: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SDXL's pooled text embeddings from a ``--prompt-embeds`` file, under diffusers' pipeline names
+    ``pooled_prompt_embeds`` and ``negative_pooled_prompt_embeds``, (dim,) or (n, dim), repeated or cut to
+    ``batch``; (None, None) when the file has neither (the seeded ones are used)."""
+    data = _read_embeds(Path(path))
+    if not isinstance(data, dict) or "text_embeds" not in added:
+        return None, None
+    want = added["text_embeds"].shape[-1]
+
+    def fit(name: str) -> torch.Tensor | None:
+        if name not in data:
+            return None
+        t = data[name].float()
+        if t.dim() == 1:
+            t = t[None]
+        if t.dim() != 2 or t.shape[-1] != want:
+            raise UnetkitError(
+                f"--prompt-embeds {path}: {name} has shape {list(data[name].shape)}; expected ({want},) or "
+                f"(n, {want}) for this UNet's pooled text embedding"
+            )
+        return t.repeat(math.ceil(batch / t.shape[0]), 1)[:batch].contiguous()
+
+    return fit("pooled_prompt_embeds"), fit("negative_pooled_prompt_embeds")
 
 
 def load_prompt_embeds(path: str | Path, batch: int, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``prompt_embeds`` (and ``negative_prompt_embeds`` when present) from a .safetensors or torch file: (tokens,
     dim) or (n, tokens, dim), repeated or cut to ``batch``."""
     path = Path(path)
-    if not path.is_file():
-        raise UnetkitError(f"--prompt-embeds {path}: no such file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UnetkitError(f"--prompt-embeds {path}: cannot read it ({e})") from e
-    if isinstance(data, torch.Tensor):
-        data = {"prompt_embeds": data}
+    data = _read_embeds(path)
     if not isinstance(data, dict) or "prompt_embeds" not in data:
         raise UnetkitError(
             f"--prompt-embeds {path}: expected a tensor named 'prompt_embeds' "
@@ -154,6 +183,22 @@ def load_prompt_embeds(path: str | Path, batch: int, dim: int) -> tuple[torch.Te
         return t.repeat(reps, 1, 1)[:batch].contiguous()
 
     return fit("prompt_embeds"), fit("negative_prompt_embeds") if "negative_prompt_embeds" in data else None
+
+
+def _read_embeds(path: Path) -> Any:
+    """The tensors of a ``--prompt-embeds`` file (a lone tensor is its ``prompt_embeds``)."""
+    if not path.is_file():
+        raise UnetkitError(f"--prompt-embeds {path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            data: Any = load_file(str(path))
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UnetkitError(f"--prompt-embeds {path}: cannot read it ({e})") from e
+    return {"prompt_embeds": data} if isinstance(data, torch.Tensor) else data
 
 
 def spread_timesteps(k: int, num_train_timesteps: int = 1000) -> list[int]:

@@ -6,7 +6,9 @@ Top-level JSON fields (every float that would be infinite, i.e. an SQNR of ident
 * ``schema``, ``unetkit_version``, ``torch_version``, ``seconds``
 * ``reference`` / ``candidate``: ``source``, ``variant``, ``dtype``, ``quantized``, ``parameters``
 * ``settings``: timesteps, steps, scheduler, size, seed, batch, guidance, cfg, lcm_guidance_embedding,
-  prediction_type, exact_mode, min_sqnr_db, blame, prompt_embeds, vae, preset, device, unet_calls
+  prediction_type, prediction_type_source (where it came from), exact_mode, min_sqnr_db, blame, prompt_embeds, vae,
+  preset, device, compute_dtype (per side: fp16/bf16 weights are computed in float32, cast layer by layer),
+  unet_calls
 * ``exact``: null, or ``bit_identical``, ``tensors_compared``, ``first_tensor`` (name, reason, stats) and
   ``first_output`` (timestep, stats): the first weight and the first output that differ
 * ``timesteps``: per timestep ``timestep``, ``sqnr_db``, ``cosine``, ``rel_l2``, ``max_abs``, ``identical``
@@ -139,11 +141,18 @@ class Report:
     def text(self) -> str:
         """A few lines for a terminal."""
         s = self.settings
+        computed = s.get("compute_dtype") or {}
+
+        def held(side: Side, role: str) -> str:  # "float16, computed in float32" when they differ
+            c = computed.get(role)
+            return side.dtype + (f", computed in {c}" if c and c != side.dtype else "")
+
         lines = [
-            f"reference {self.reference.source} ({self.reference.variant}, {self.reference.dtype})",
-            f"candidate {self.candidate.source} ({self.candidate.dtype}"
+            f"reference {self.reference.source} ({self.reference.variant}, {held(self.reference, 'reference')})",
+            f"candidate {self.candidate.source} ({held(self.candidate, 'candidate')}"
             f"{', quantized' if self.candidate.quantized else ''})",
-            f"{s['timesteps']} timesteps, {s['steps']}-step {s['scheduler']} loop, {s['size']}x{s['size']} "
+            f"{s['timesteps']} timesteps, {s['steps']}-step {s['scheduler']} loop "
+            f"({s['prediction_type']}, {s.get('prediction_type_source') or 'given'}), {s['size']}x{s['size']} "
             f"latents, batch {s['batch']}, guidance {s['guidance']:g}"
             f"{' (CFG)' if s['cfg'] else ' (LCM embedding)' if s['lcm_guidance_embedding'] else ''}, "
             f"seed {s['seed']}",
