@@ -19,6 +19,7 @@ from unetkit.dtypes import parse_dtype, short
 from unetkit.errors import FormatError, KeyMapError, UnetkitError, list_some
 from unetkit.formats.quantized_dir import MANIFEST, is_quantized_dir, read_quantized_dir
 from unetkit.formats.safetensors_io import ALIGN
+from unetkit.quant.runtime import scratch
 from unetkit.resolve import UNetSource, open_unet
 from unetkit.spec import build_model
 
@@ -176,26 +177,6 @@ def _swap_gguf(model, source: UNetSource, device: torch.device) -> set[str]:
 #: (``unetkit.dtypes.compute_dtype`` reads it)
 COMPUTE_DTYPE_ATTR = "unetkit_compute_dtype"
 
-_scratch = threading.local()
-
-
-def _scratch_buffer(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This thread's cast buffer for (dtype, device), grown to the largest weight seen (one layer at a time)."""
-    cache = getattr(_scratch, "buffers", None)
-    if cache is None:
-        cache = _scratch.buffers = {}
-    buf = cache.get((dtype, device))
-    if buf is None or buf.numel() < n:
-        size = max(n, 2 * buf.numel()) if buf is not None else n  # few regrowths within one forward
-        buf = cache[(dtype, device)] = torch.empty(size, dtype=dtype, device=device)
-    return buf
-
-
-def release_cast_buffers(*_: object) -> None:
-    """Drop this thread's cast buffers (a forward hook on the whole model calls it: no cast weight stays resident
-    between forwards)."""
-    getattr(_scratch, "buffers", {}).clear()
-
 
 def cast_in_forward(model: torch.nn.Module, dtype: str | torch.dtype) -> Callable[[], None]:
     """Run ``model`` in ``dtype`` while its floating parameters stay as they are held (fp16 or bf16, often
@@ -230,7 +211,7 @@ def cast_in_forward(model: torch.nn.Module, dtype: str | torch.dtype) -> Callabl
         for k, p in held.items():
             if leaf and k == largest:  # the weight: into the reused buffer (fresh pages per layer cost page faults)
                 n = p.numel()
-                cast = _scratch_buffer(n, target, p.device)[:n].view(p.shape)
+                cast = scratch.buffer(n, target, p.device)[:n].view(p.shape)
                 cast.copy_(p.detach())
             else:
                 cast = p.detach().to(target)
@@ -252,7 +233,7 @@ def cast_in_forward(model: torch.nn.Module, dtype: str | torch.dtype) -> Callabl
         if any(p.is_floating_point() for p in module.parameters(recurse=False)):
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, always_call=True))
-    handles.append(model.register_forward_hook(release_cast_buffers, always_call=True))
+    handles.append(model.register_forward_hook(scratch.release, always_call=True))
     setattr(model, COMPUTE_DTYPE_ATTR, target)
 
     def remove() -> None:
@@ -263,7 +244,7 @@ def cast_in_forward(model: torch.nn.Module, dtype: str | torch.dtype) -> Callabl
             delattr(model, COMPUTE_DTYPE_ATTR)
         if getattr(model, _REMOVE_ATTR, None) is remove:
             delattr(model, _REMOVE_ATTR)
-        release_cast_buffers()
+        scratch.release()
 
     setattr(model, _REMOVE_ATTR, remove)
     return remove

@@ -331,14 +331,9 @@ class _Lockstep:
 def _release_thread_buffers() -> None:
     """Drop this thread's per-layer scratch of weights decoded (GGUF) or cast (``cast_in_forward``) in forward:
     the candidate's layers ran in this thread for their local errors, outside a forward of their own model."""
-    import sys
+    from unetkit.quant.runtime import scratch
 
-    from unetkit.loading import release_cast_buffers
-
-    release_cast_buffers()
-    gguf = sys.modules.get("unetkit.quant.runtime.gguf_backend")  # loaded only when a GGUF model is
-    if gguf is not None:
-        gguf.release_buffers()
+    scratch.release()
 
 
 def _run_hooked(model: nn.Module, make_hook, run) -> None:

@@ -6,7 +6,6 @@ the same output bit for bit."""
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -14,28 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetkit.quant.gguf import dequantize
+from unetkit.quant.runtime import scratch
 from unetkit.quant.runtime.base import Candidate, ModuleDecision
 from unetkit.shapes import numel
-
-_tls = threading.local()
-
-
-def _buffer(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """This thread's decode buffer for (dtype, device), grown to the largest weight seen."""
-    cache = getattr(_tls, "buffers", None)
-    if cache is None:
-        cache = _tls.buffers = {}
-    buf = cache.get((dtype, device))
-    if buf is None or buf.numel() < n:
-        size = max(n, 2 * buf.numel()) if buf is not None else n  # few regrowths within one forward
-        buf = cache[(dtype, device)] = torch.empty(size, dtype=dtype, device=device)
-    return buf
-
-
-def release_buffers(*_: object) -> None:
-    """Drop this thread's decode buffers: a forward hook on the whole UNet calls it, so no decoded weight stays
-    resident between forwards (re-mapping the buffer costs about 1 % of a forward)."""
-    getattr(_tls, "buffers", {}).clear()
 
 
 class GGUFWeight(nn.Module):
@@ -63,7 +43,7 @@ class GGUFWeight(nn.Module):
         # from newly mapped pages, and faulting those in cost more than the decode (SD1.5 Q8_0: 1.36x fp32 -> see
         # BENCHMARKS.md). The weight is consumed by the layer's op before the next layer decodes.
         n = numel(self.stored_shape)
-        buf = _buffer(n, dtype, self.packed.device)
+        buf = scratch.buffer(n, dtype, self.packed.device)
         w = buf[:n].view(self.stored_shape)
         dequantize(self.packed, self.qtype, self.stored_shape, dtype, out=w)
         return w.view(self.shape)
@@ -152,7 +132,7 @@ class GGUFBackend:
         attach also hooks the model so that the per-layer decode buffer does not outlive a forward."""
         swap_module(model, module_name, packed, qtype, tuple(shape), tuple(stored_shape), bias)
         if not getattr(model, "_unetkit_gguf_hook", False):
-            model.register_forward_hook(release_buffers)
+            model.register_forward_hook(scratch.release)
             setattr(model, "_unetkit_gguf_hook", True)  # noqa: B010 (a plain attribute, not a submodule)
 
     def apply(self, unet: nn.Module, scheme: str, candidates: list[Candidate]) -> list[ModuleDecision]:
