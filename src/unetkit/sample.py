@@ -59,6 +59,22 @@ _REFINER: dict[str, Any] = dict(
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     projection_class_embeddings_input_dim=2560,  # 1280 pooled text + 5 time ids x 256
 )
+#: the SDXL base at each size: tiny keeps its topology (three levels, no attention in the first, stacks of 2 and 3
+#: standing in for 2 and 10, the add embedding's real 2816 inputs), heads as SDXL's 64-channel rule gives
+_XL_TINY: dict[str, Any] = dict(
+    _SDXL,
+    block_out_channels=[32, 64, 128],
+    attention_head_dim=[1, 1, 2],
+    transformer_layers_per_block=[1, 2, 3],
+    cross_attention_dim=64,
+)
+_XL_FULL: dict[str, Any] = dict(
+    _SDXL,
+    block_out_channels=[320, 640, 1280],
+    attention_head_dim=[5, 10, 20],
+    transformer_layers_per_block=[1, 2, 10],
+    cross_attention_dim=2048,
+)
 
 #: per size: variant name -> what it changes in BASE
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -74,12 +90,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 96,
             "upcast_attention": False,
         },
-        # SDXL's topology (three levels, no attention in the first, stacks of 2 and 3 standing in for 2 and 10, the
-        # add embedding's real 2816 inputs) at tiny width; heads as SDXL's 64-channel rule gives at these widths
-        "sdxl": {**_SDXL, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
-                 "transformer_layers_per_block": [1, 2, 3], "cross_attention_dim": 64},
-        "sdxl-inpainting": {**_SDXL, "block_out_channels": [32, 64, 128], "attention_head_dim": [1, 1, 2],
-                            "transformer_layers_per_block": [1, 2, 3], "cross_attention_dim": 64, "in_channels": 9},
+        "sdxl": _XL_TINY,
+        "sdxl-inpainting": {**_XL_TINY, "in_channels": 9},
         "sdxl-refiner": {**_REFINER, "block_out_channels": [32, 64, 128, 128], "attention_head_dim": [1, 1, 2, 2],
                          "transformer_layers_per_block": 2, "cross_attention_dim": 80},
     },
@@ -95,10 +107,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
             "sample_size": 96,
             "upcast_attention": False,
         },
-        "sdxl": {**_SDXL, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-                 "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048},
-        "sdxl-inpainting": {**_SDXL, "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
-                            "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "in_channels": 9},
+        "sdxl": _XL_FULL,
+        "sdxl-inpainting": {**_XL_FULL, "in_channels": 9},
         "sdxl-refiner": {**_REFINER, "block_out_channels": [384, 768, 1536, 1536],
                          "attention_head_dim": [6, 12, 24, 24], "transformer_layers_per_block": 4,
                          "cross_attention_dim": 1280},
