@@ -242,8 +242,14 @@ def test_inspect_gguf_shows_flavor_qtypes_and_bits(src, tmp_path):
     assert gguf_flavor(src_).startswith("comfy (no prefix, orig_shape")
 
 
-def test_encoder_processes_write_the_same_bytes(tmp_path):
-    """Tensors encoded in worker processes are written in order: the file is byte-identical to one process."""
+@pytest.mark.parametrize("ahead_bytes", [None, 0])
+def test_encoder_processes_write_the_same_bytes(tmp_path, monkeypatch, ahead_bytes):
+    """Tensors encoded in worker processes are written in order: the file is byte-identical to one process, with
+    the default look-ahead and with none (each job submitted only when the writer asks for it)."""
+    from unetkit.gguf_export import _EncoderPool
+
+    if ahead_bytes is not None:
+        monkeypatch.setattr(_EncoderPool, "AHEAD_BYTES", ahead_bytes)
     path = save_ldm(tiny_unet("sd1.x-lcm"), tmp_path / "in.safetensors")
     quantize_file(path, tmp_path / "one.gguf", "gguf:Q4_K_M", workers=0)
     quantize_file(path, tmp_path / "two.gguf", "gguf:Q4_K_M", workers=2)

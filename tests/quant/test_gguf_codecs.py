@@ -25,7 +25,8 @@ GOLDEN_SHA256 = "b457e3302781dfc3931304eb63d90dad66baf1758c0f0748edec5eb699b2284
 
 GOLDEN_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "BF16", "F16"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-QKX2_TYPES = ["Q2_K", "Q4_K", "Q5_K"]  # the types whose search has a fused CPU kernel (codecs/fused.py)
+QKX2_TYPES = ["Q2_K", "Q4_K", "Q5_K"]  # make_qkx2_quants: a fused CPU kernel (codecs/fused.py)
+FUSED_TYPES = [*QKX2_TYPES, "Q6_K"]  # and make_qx_quants (Q6_K)
 GGUF_PY_ENCODABLE = ["Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1", "F16", "BF16"]
 ALL_TYPES = [q.name for q in QTYPES]
 
@@ -143,7 +144,7 @@ def search_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("name", QKX2_TYPES)
+@pytest.mark.parametrize("name", FUSED_TYPES)
 def test_both_search_paths_match_ggml_bytes(golden, search_path, name):
     x = torch.from_numpy(golden["input"])
     want = golden[f"{_golden_key(name)}_bytes"]
@@ -151,12 +152,10 @@ def test_both_search_paths_match_ggml_bytes(golden, search_path, name):
     assert _differing_blocks(got, want, qtype_by_name(name).type_size) == 0, f"{name} ({search_path} search)"
 
 
-@pytest.mark.parametrize("name", QKX2_TYPES)
-def test_fused_search_equals_torch_search(monkeypatch, name):
-    """The fused kernel and the torch loop agree byte for byte on rows unlike the golden input: heavy tails,
-    offsets, constant and zero sub-blocks, tiny and huge magnitudes, rows where one value dwarfs the rest (the
-    nearest_int garbage range), exact ties, and a column count that is not a multiple of the kernel's tile."""
-    rng = np.random.default_rng(11)
+def _hard_rows(rng: np.random.Generator) -> torch.Tensor:
+    """Rows unlike the golden input: heavy tails, offsets, constant and zero sub-blocks, tiny and huge magnitudes,
+    rows where one value dwarfs the rest (the nearest_int garbage range), exact ties (+a and -a in one sub-block),
+    and a count of sub-blocks that is not a multiple of the kernel's tile."""
     rows = [
         rng.standard_normal((37, 256)),
         rng.standard_t(2, (37, 256)),
@@ -171,14 +170,29 @@ def test_fused_search_equals_torch_search(monkeypatch, name):
     x[5, :16] = 0.0
     x[6, 32:64] = 0.7
     x[7, 64:96] = -0.0
-    x = torch.from_numpy(x)
+    x[8, 96:112] = np.tile(np.float32([0.5, -0.5, 0.25, -0.25]), 4)
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("name", FUSED_TYPES)
+def test_fused_search_equals_torch_search(monkeypatch, name):
+    """The fused kernels and the torch loops give the same bytes on :func:`_hard_rows`."""
+    x = _hard_rows(np.random.default_rng(11))
     monkeypatch.setenv("UNETKIT_FUSED", "1")
     got = quantize(x, name)
     monkeypatch.setenv("UNETKIT_FUSED", "0")
     want = quantize(x, name)
     assert _differing_blocks(got.numpy(), want.numpy(), qtype_by_name(name).type_size) == 0
-    # and the whole search state, bit for bit: the best error itself, not only the decisions it leads to (a
-    # reordered sum changes the error's last bits long before it changes a block's bytes)
+
+
+# The whole search state, bit for bit: the best error itself, not only the decisions it leads to (a reordered sum
+# changes the error's last bits long before it changes a block's bytes).
+
+
+@pytest.mark.parametrize("name", QKX2_TYPES)
+def test_fused_qkx2_state_equals_torch(name):
+    rng = np.random.default_rng(11)
+    x = _hard_rows(rng)
     n, nmax, steps, mad = {"Q2_K": (16, 3, 16, True), "Q4_K": (32, 15, 21, False), "Q5_K": (32, 31, 16, False)}[name]
     xT = x.reshape(-1, n).t().contiguous()
     w = xT.abs() + torch.from_numpy(rng.random(xT.shape[1]).astype(np.float32))
@@ -187,6 +201,17 @@ def test_fused_search_equals_torch_search(monkeypatch, name):
     want_state, want_deg = kquants.qkx2_search_torch(xT, w, nmax, cs, mad)
     assert torch.equal(got_deg, want_deg) and int(got_deg.sum()) > 0
     live = ~want_deg  # constant columns return early in C; their state is discarded
+    assert np.array_equal(_bits(got_state[:, live]), _bits(want_state[:, live]))
+
+
+@pytest.mark.parametrize("nmax", [32, 4])  # Q6_K's, and a small one (more clamping)
+def test_fused_qx_state_equals_torch(nmax):
+    xT = _hard_rows(np.random.default_rng(11)).reshape(-1, 16).t().contiguous()
+    cs = [-float(np.float32(nmax + np.float32(0.1) * np.float32(s))) for s in range(-9, 10) if s != 0]
+    got_state, got_zero = fused.qx_search(xT, nmax, cs)
+    want_state, want_zero = kquants.qx_search_torch(xT, nmax, cs)
+    assert torch.equal(got_zero, want_zero) and int(got_zero.sum()) > 0
+    live = ~want_zero  # all-zero columns return early in C; their state is discarded
     assert np.array_equal(_bits(got_state[:, live]), _bits(want_state[:, live]))
 
 

@@ -1,4 +1,5 @@
-"""Fused CPU kernels (numba) for the hot loop of the K-quant encoders: ggml's ``make_qkx2_quants`` search.
+"""Fused CPU kernels (numba) for the hot loops of the K-quant encoders: ggml's ``make_qkx2_quants`` search (Q2_K,
+Q4_K, Q5_K) and ``make_qx_quants`` search (Q6_K).
 
 The torch code in :mod:`.kquants` is the reference implementation and the CUDA path; it runs each arithmetic step
 as one torch op over all sub-blocks, so a Q4_K chunk makes about 16 passes over memory per search step and the
@@ -24,13 +25,13 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["available", "qkx2_search", "warm"]
+__all__ = ["available", "qkx2_search", "qx_search", "warm"]
 
 _TILE = 64  # sub-blocks per tile: the per-column state and the tile's quants stay in L1
 
 
 @functools.lru_cache(maxsize=1)
-def _kernel():
+def _kernels():
     try:
         from numba import njit
     except ImportError:
@@ -42,7 +43,9 @@ def _kernel():
     def quant(iscale, x, mn, nmax):  # pragma: no cover - compiled
         """MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) as float32 (nearest_int: ggml's magic-number trick)."""
         t = np.float32(iscale * (x - mn) + f32(12582912.0))  # + 1.5 * 2**23
-        return f32(max(0, min(nmax, (t.view(np.int32) & 0x7FFFFF) - 0x400000)))
+        # the int is in [-2**22, 2**22) and exact in float32, so clamping it as a float is the same; float min/max
+        # let the compiler vectorise the loop (an int clamp did not: 1.6x slower)
+        return min(f32(nmax), max(f32(0.0), f32((t.view(np.int32) & 0x7FFFFF) - 0x400000)))
 
     @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
     def search(x, w, nmax, cs, use_mad, state, degenerate):  # pragma: no cover - compiled
@@ -143,12 +146,69 @@ def _kernel():
                 state[3, c0 + c] = wisc[c]
                 state[4, c0 + c] = wmin[c]
 
-    return search
+    @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+    def qx_sums(x, c0, m, isc, nmax, slx, sl2):  # pragma: no cover - compiled
+        """sumlx += (w*x)*l and suml2 += (w*l)*l with w = x*x, l = clamp(nearest_int(isc*x), -nmax, nmax-1)."""
+        zero = f32(0.0)
+        for c in range(m):
+            slx[c] = zero
+            sl2[c] = zero
+        for i in range(x.shape[0]):
+            for c in range(m):
+                xi = x[i, c0 + c]
+                t = np.float32(isc[c] * xi + f32(12582912.0))  # nearest_int: + 1.5 * 2**23
+                lf = min(f32(nmax - 1), max(f32(-nmax), f32((t.view(np.int32) & 0x7FFFFF) - 0x400000)))
+                w = xi * xi
+                slx[c] += w * xi * lf
+                sl2[c] += w * lf * lf
+
+    @njit(cache=True, nogil=True, error_model="numpy", boundscheck=False)
+    def qx_search(x, nmax, cs, state, allzero):  # pragma: no cover - compiled
+        n, S = x.shape
+        zero, eps, fneg = f32(0.0), f32(1e-15), f32(-nmax)
+        T = _TILE
+        amax, mx, isc, scale = np.empty(T, f32), np.empty(T, f32), np.empty(T, f32), np.empty(T, f32)
+        best, wisc, slx, sl2 = np.empty(T, f32), np.empty(T, f32), np.empty(T, f32), np.empty(T, f32)
+        for c0 in range(0, S, T):
+            m = min(T, S - c0)
+            for c in range(m):
+                amax[c] = zero
+                mx[c] = zero
+            for i in range(n):  # the first element of largest magnitude, with its sign
+                for c in range(m):
+                    xi = x[i, c0 + c]
+                    ax = abs(xi)
+                    if ax > amax[c]:
+                        amax[c] = ax
+                        mx[c] = xi
+            for c in range(m):
+                allzero[c0 + c] = amax[c] < eps  # C returns early: L = 0, scale = 0
+                isc[c] = fneg / mx[c]
+            qx_sums(x, c0, m, isc, nmax, slx, sl2)
+            for c in range(m):
+                scale[c] = slx[c] / sl2[c] if sl2[c] != zero else zero
+                best[c] = scale[c] * slx[c]
+                wisc[c] = isc[c]
+            for k in range(cs.shape[0]):
+                for c in range(m):
+                    isc[c] = cs[k] / mx[c]  # -(nmax + 0.1f*is) / max
+                qx_sums(x, c0, m, isc, nmax, slx, sl2)
+                for c in range(m):
+                    if sl2[c] > zero and slx[c] * slx[c] > best[c] * sl2[c]:
+                        scale[c] = slx[c] / sl2[c]
+                        best[c] = scale[c] * slx[c]
+                        wisc[c] = isc[c]
+            for c in range(m):
+                state[0, c0 + c] = scale[c]
+                state[1, c0 + c] = best[c]
+                state[2, c0 + c] = wisc[c]
+
+    return search, qx_search
 
 
 def available(x: torch.Tensor) -> bool:
     """Whether the fused kernel runs for ``x``: a CPU tensor, numba installed, and ``UNETKIT_FUSED`` not ``0``."""
-    return x.device.type == "cpu" and os.environ.get("UNETKIT_FUSED", "1") != "0" and _kernel() is not None
+    return x.device.type == "cpu" and os.environ.get("UNETKIT_FUSED", "1") != "0" and _kernels() is not None
 
 
 def qkx2_search(x: torch.Tensor, w: torch.Tensor, nmax: int, cs: list[float], use_mad: bool):
@@ -163,12 +223,28 @@ def qkx2_search(x: torch.Tensor, w: torch.Tensor, nmax: int, cs: list[float], us
     S = xa.shape[1]
     state = np.empty((5, S), np.float32)
     degenerate = np.empty(S, np.bool_)
-    _kernel()(xa, wa, nmax, np.asarray(cs, dtype=np.float32), use_mad, state, degenerate)
+    _kernels()[0](xa, wa, nmax, np.asarray(cs, dtype=np.float32), use_mad, state, degenerate)
     return torch.from_numpy(state), torch.from_numpy(degenerate)
 
 
+def qx_search(x: torch.Tensor, nmax: int, cs: list[float]):
+    """The search of ``make_qx_quants`` (``rmse_type=1``, no weights) over the columns of ``x`` ((n, S) float32,
+    CPU, NaN-free). ``cs[k]`` is the float32 ``-(nmax + 0.1f*is)`` of the k-th candidate.
+
+    Returns ``(state, allzero)``: rows scale, best, and the iscale that produced the winning quants, as (3, S)
+    float32; and the (S,) bool mask of columns whose largest magnitude is below ``GROUP_MAX_EPS``.
+    """
+    xa = x.contiguous().numpy()
+    S = xa.shape[1]
+    state = np.empty((3, S), np.float32)
+    allzero = np.empty(S, np.bool_)
+    _kernels()[1](xa, nmax, np.asarray(cs, dtype=np.float32), state, allzero)
+    return torch.from_numpy(state), torch.from_numpy(allzero)
+
+
 def warm() -> None:
-    """Compile (or load from numba's cache) the kernel now, e.g. before forking encoder processes."""
+    """Compile (or load from numba's cache) the kernels now, e.g. before forking encoder processes."""
     x = torch.ones(2, 1)
     if available(x):
         qkx2_search(x, x, 1, [1.0], False)
+        qx_search(x, 1, [-1.0])

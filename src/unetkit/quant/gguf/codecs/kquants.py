@@ -213,6 +213,20 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, SearchQuan
 
     Returns ``(scale, quants)``: (S,) float32 and the recipe of the (n, S) quants in ``[0, 2*nmax)``.
     """
+    cs = [-_f32(_f32(nmax) + _f32(_f32(0.1) * _f32(s))) for s in range(-9, 10) if s != 0]  # -(nmax + 0.1f*is)
+    search = fused.qx_search if fused.available(x) else qx_search_torch
+    state, allzero = search(x, nmax, cs)
+    scale = torch.where(allzero, _zero(x), state[0])
+    return scale, SearchQuants(x, state[2], None, -nmax, nmax - 1, nmax, allzero)
+
+
+def qx_search_torch(x: torch.Tensor, nmax: int, cs: list[float]):
+    """The search of ``make_qx_quants`` in torch ops (any device); :func:`.fused.qx_search` is the same arithmetic
+    fused into one CPU kernel. ``cs[k]`` is the float32 ``-(nmax + 0.1f*is)`` of the k-th candidate.
+
+    Returns ``(state, allzero)``: rows scale, best, and the iscale that produced the winning quants, (3, S)
+    float32; and the (S,) mask of all-zero columns (whose state the caller discards).
+    """
     n, S = x.shape
     dev = x.device
     zero = _zero(x)
@@ -237,7 +251,6 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, SearchQuan
     sumlx, suml2 = sums_for(iscale)
     scale = torch.where(suml2 != 0, sumlx / suml2, zero)
     state = torch.stack([scale, scale * sumlx, iscale])  # scale, best, winning iscale
-    cs = [-_f32(_f32(nmax) + _f32(_f32(0.1) * _f32(s))) for s in range(-9, 10) if s != 0]
     cs_t = torch.tensor(cs, dtype=torch.float32, device=dev)
     for k in range(len(cs)):
         isc = cs_t[k : k + 1] / mx
@@ -246,9 +259,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, SearchQuan
         new_scale = sumlx / suml2
         cand = torch.stack([new_scale, new_scale * sumlx, isc.expand(S)])
         select_(state, take, cand)
-
-    scale = torch.where(allzero, zero, state[0])
-    return scale, SearchQuants(x, state[2], None, -nmax, nmax - 1, nmax, allzero)
+    return state, allzero
 
 
 def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
