@@ -160,7 +160,7 @@ def test_cfg_gives_each_half_its_own_added_cond(files):
     """Classifier-free guidance runs [unconditional, conditional] as one batch: text_embeds follow the
     encoder_hidden_states' order (the negative pooled embedding first), time_ids are the same for both, and the
     guided prediction equals the one computed from two separate calls."""
-    from unetkit.verification.compare import _predict
+    from unetkit.verification.compare import predict
     from unetkit.verification.inputs import make_inputs
 
     model = unetkit.load_unet(files["sdxl"]["src"], dtype="fp32")
@@ -174,7 +174,7 @@ def test_cfg_gives_each_half_its_own_added_cond(files):
     hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     xt = torch.randn(batch, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        guided = _predict(model, vi, xt, 500)
+        guided = predict(model, vi, xt, 500)
     hook.remove()
     (kw,) = seen
     added = kw["added_cond_kwargs"]

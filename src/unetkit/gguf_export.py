@@ -11,7 +11,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,11 @@ from unetkit.errors import UnetkitError
 from unetkit.families import Family
 from unetkit.formats.atomic import atomic_output, check_output
 from unetkit.formats.base import TensorEntry, read_range
-from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, check_string_kv, write_gguf
+from unetkit.formats.gguf import ORIG_SHAPE_KEY, GGUFOut, check_string_kv, file_bytes, write_gguf
 from unetkit.formats.hashing import FileHasher
 from unetkit.provenance import DECISIONS, FLAVOR, LDM_PREFIX, METHOD, SOURCE_SHA256, metadata_for
-from unetkit.quant.gguf.policy import GGUF_METHOD, Decision, Recipe, plan
-from unetkit.resolve import open_unet
+from unetkit.quant.gguf.policy import AUTO, GGUF_METHOD, Decision, Recipe, plan
+from unetkit.resolve import UNetSource, open_unet
 from unetkit.shapes import numel
 
 
@@ -64,53 +64,32 @@ def quantize_file(
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     workers: int | None = None,
+    chosen: Mapping[str, tuple[str, str]] | None = None,
 ) -> QuantizeResult:
     """Quantize ``src`` (any input unetkit reads) to the GGUF file ``out``.
 
     ``method``: ``gguf:<recipe>`` with recipe F16, BF16, Q8_0, Q6_K, Q5_0, Q5_1, Q4_0, Q4_1, Q5_K_M, Q5_K_S,
     Q4_K_M, Q4_K_S, Q3_K_M or Q2_K. ``flavor``: comfy (default), sdcpp or diffusers (see ``quant.policy``).
     ``keep``: globs kept at high precision; ``override``: 'GLOB=QTYPE' strings. ``workers``: encoder processes
-    (default: one per core when there are more than ``PARALLEL_MIN_BYTES`` to encode, else none).
+    (default: one per core when there are more than ``PARALLEL_MIN_BYTES`` to encode, else none). ``chosen``:
+    for ``gguf:auto`` only, each tensor's (qtype, reason) by LDM name (what :mod:`unetkit.sensitivity` chooses).
     """
     t0 = time.perf_counter()
-    if not method.lower().startswith(GGUF_METHOD):
-        raise UnetkitError(f"unknown method {method!r}; GGUF methods are gguf:<recipe>, e.g. gguf:Q4_K_M")
-    recipe = Recipe.parse(method[len(GGUF_METHOD) :], flavor, keep, override)
+    recipe = _recipe(method, flavor, keep, override, chosen)
     src, out = Path(src), Path(out)
     check_output(out, force, inputs=(src,))
     source = open_unet(src, ema=ema, config=config)
     family = source.spec.model_family
-    decisions = plan_tensors(
-        {d: (source.ldm_name(d), tuple(e.shape)) for d, e in source.tensors.items()}, family, recipe
-    )
-    prefix = "" if recipe.flavor == "comfy" else LDM_PREFIX
-    tensors, kv = [], {}
+    decisions = plan_source(source, recipe)
+    meta, kv = header_kv(source, recipe, decisions)
+    prefix = _prefix(recipe)
+    tensors = []
     pool = _EncoderPool.for_plan(list(source.tensors.values()), decisions, workers)
     for i, (entry, dec) in enumerate(zip(source.tensors.values(), decisions)):
         written = prefix + dec.name
         produce = pool.producer(i) if pool and pool.handles(i) else _producer(entry, dec, written)
         tensors.append(GGUFOut(written, dec.qtype, dec.stored_shape, produce))
-        if dec.stored_shape != dec.shape:
-            kv[ORIG_SHAPE_KEY + written] = list(dec.shape)
     hasher = FileHasher(source.checkpoint.files)
-    meta = metadata_for(
-        source.spec,
-        source.path,
-        layout="ldm",
-        extra={
-            METHOD: f"gguf:{recipe.name}",
-            FLAVOR: recipe.flavor,
-            DECISIONS: json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
-        },
-        # the source's own metadata rides along as string KVs, the prediction type and its marker bytes too (GGUF
-        # holds no marker tensors); no safetensors "format" key: GGUF has general.* keys
-        carried=source.source_metadata,
-        prediction=source.prediction,
-        markers_in_metadata=True,
-        container="gguf",
-    )
-    for key, value in meta.items():  # before any work: a value GGUF cannot hold is an error, never dropped
-        check_string_kv(key, value, out)
     total = sum(t.nbytes for t in tensors)
     if on_start:
         on_start(total)
@@ -128,15 +107,90 @@ def quantize_file(
     return summarize(out, recipe, source.spec.variant, decisions, tensors, hasher.result(), time.perf_counter() - t0)
 
 
+def _recipe(
+    method: str,
+    flavor: str,
+    keep: Sequence[str],
+    override: Sequence[str],
+    chosen: Mapping[str, tuple[str, str]] | None = None,
+) -> Recipe:
+    if not method.lower().startswith(GGUF_METHOD):
+        raise UnetkitError(f"unknown method {method!r}; GGUF methods are gguf:<recipe>, e.g. gguf:Q4_K_M")
+    recipe = Recipe.parse(method[len(GGUF_METHOD) :], flavor, keep, override)
+    if recipe.name == AUTO:
+        if chosen is None:
+            raise UnetkitError(
+                "gguf:auto chooses each tensor's qtype for a target: give one "
+                "(`unetkit quantize IN OUT --method gguf:auto --target-size 600MiB`, or --target-bpw / "
+                "--target-sqnr; in Python unetkit.sensitivity.quantize_to_target)"
+            )
+        recipe = replace(recipe, chosen=dict(chosen))
+    elif chosen is not None:
+        raise UnetkitError(f"per-tensor choices are for gguf:auto, not {method}")
+    return recipe
+
+
+def _prefix(recipe: Recipe) -> str:
+    return "" if recipe.flavor == "comfy" else LDM_PREFIX
+
+
+def plan_source(source: UNetSource, recipe: Recipe) -> list[Decision]:
+    """The decision for every tensor of an opened source, in its order."""
+    return plan_tensors(
+        {d: (source.ldm_name(d), tuple(e.shape)) for d, e in source.tensors.items()}, source.spec.model_family, recipe
+    )
+
+
+def header_kv(source: UNetSource, recipe: Recipe, decisions: list[Decision]) -> tuple[dict[str, str], dict[str, Any]]:
+    """The key/values a GGUF of ``source`` holds besides the writer's own: (unetkit's and the source's metadata,
+    the comfy reshapes' real shapes). The source hash is a placeholder of its final length."""
+    prefix = _prefix(recipe)
+    kv: dict[str, Any] = {}
+    for dec in decisions:
+        if dec.stored_shape != dec.shape:
+            kv[ORIG_SHAPE_KEY + prefix + dec.name] = list(dec.shape)
+    meta = metadata_for(
+        source.spec,
+        source.path,
+        layout="ldm",
+        extra={
+            METHOD: f"gguf:{recipe.name}",
+            FLAVOR: recipe.flavor,
+            DECISIONS: json.dumps({d.name: [d.qtype, d.reason] for d in decisions}),
+        },
+        # the source's own metadata rides along as string KVs, the prediction type and its marker bytes too (GGUF
+        # holds no marker tensors); no safetensors "format" key: GGUF has general.* keys
+        carried=source.source_metadata,
+        prediction=source.prediction,
+        markers_in_metadata=True,
+        container="gguf",
+    )
+    for key, value in meta.items():  # before any work: a value GGUF cannot hold is an error, never dropped
+        check_string_kv(key, value, source.path)
+    return meta, kv
+
+
+def planned_file_bytes(source: UNetSource, recipe: Recipe, decisions: list[Decision]) -> int:
+    """The exact size of the file :func:`quantize_file` writes for these decisions, before anything is encoded."""
+    meta, kv = header_kv(source, recipe, decisions)
+    prefix = _prefix(recipe)
+    writer_kv = {"general.architecture": source.spec.model_family.gguf_architecture, "general.quantization_version": 2}
+    return file_bytes([(prefix + d.name, d.qtype, d.stored_shape) for d in decisions], {**writer_kv, **meta, **kv})
+
+
 def plan_tensors(tensors: Mapping[str, tuple[str, tuple[int, ...]]], family: Family, recipe: Recipe) -> list[Decision]:
     """The decision for every tensor, in order: ``tensors`` maps diffusers names to (LDM name, shape); the family
     says which modules stay high-precision (``Family.sensitive``)."""
-    sensitive = {
+    return plan(list(tensors.values()), recipe, sensitive=sensitive_tensors(tensors, family))
+
+
+def sensitive_tensors(tensors: Mapping[str, tuple[str, tuple[int, ...]]], family: Family) -> dict[str, str]:
+    """LDM name -> why, for the weights of the modules the family keeps at high precision."""
+    return {
         ldm: why
         for d, (ldm, shape) in tensors.items()
         if len(shape) > 1 and (why := family.sensitive_reason(d.rsplit(".", 1)[0]))
     }
-    return plan(list(tensors.values()), recipe, sensitive=sensitive)
 
 
 def plan_config(
@@ -154,9 +208,7 @@ def plan_config(
     from unetkit.keymap import KeyMap, Topology
     from unetkit.spec import expected_shapes
 
-    if not method.lower().startswith(GGUF_METHOD):
-        raise UnetkitError(f"unknown method {method!r}; GGUF methods are gguf:<recipe>, e.g. gguf:Q4_K_M")
-    recipe = Recipe.parse(method[len(GGUF_METHOD) :], flavor, keep, override)
+    recipe = _recipe(method, flavor, keep, override)
     keymap = KeyMap.for_topology(Topology.from_config(config))
     tensors = {}
     for name, shape in expected_shapes(config).items():

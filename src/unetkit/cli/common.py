@@ -77,4 +77,51 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def add_sensitivity_options(p: argparse.ArgumentParser) -> None:
+    """The calibration settings, shared with quantize's gguf:auto."""
+    g = p.add_argument_group("calibration (sensitivity settings; part of the cache key)")
+    g.add_argument("--calib-size", type=int, default=32, metavar="N", help="latent side (default 32)")
+    g.add_argument("--calib-timesteps", type=int, default=4, metavar="N", help="timesteps (default 4)")
+    g.add_argument("--probes", type=int, default=8, help="random output probes per timestep (default 8)")
+    g.add_argument("--calib-seed", type=int, default=0, metavar="N")
+    g.add_argument("--prompt-embeds", metavar="FILE", help="prompt_embeds (and pooled) to calibrate with")
+    g.add_argument("--check", type=int, default=12, metavar="N", help="single-tensor runs that check the estimate")
+    g.add_argument("--no-cache", dest="cache", action="store_false", help="measure again, store nothing")
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    from unetkit.sensitivity import Settings
+
+    return Settings(
+        size=args.calib_size,
+        timesteps=args.calib_timesteps,
+        probes=args.probes,
+        seed=args.calib_seed,
+        prompt_embeds=args.prompt_embeds,
+        check=args.check,
+    )
+
+
+def progress_bar(desc: str, enabled: bool):
+    """A (done, total, what) callback drawing a tqdm bar on stderr, and a function closing it."""
+    bar: Any = None
+
+    def progress(done: int, total: int, what: str) -> None:
+        nonlocal bar
+        if not enabled:
+            return
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+        bar.set_postfix_str(what[-50:], refresh=False)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return progress, close
+
+
 Printer = Callable[[str], None]

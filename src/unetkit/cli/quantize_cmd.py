@@ -5,8 +5,17 @@ from __future__ import annotations
 
 import argparse
 
-from unetkit.cli.common import ByteBar, add_source_options, emit_json, human_bytes, table
-from unetkit.errors import UnetkitError
+from unetkit.cli.common import (
+    ByteBar,
+    add_sensitivity_options,
+    add_source_options,
+    emit_json,
+    human_bytes,
+    progress_bar,
+    settings_from,
+    table,
+)
+from unetkit.errors import UnetkitError, VerificationFailed
 from unetkit.quant.gguf.policy import FLAVORS, GGUF_METHOD, RECIPES
 
 HELP = "quantize a UNet to GGUF (K-quants included), or with torchao / optimum-quanto to a reloadable folder"
@@ -14,7 +23,12 @@ DESCRIPTION = f"""Quantize any UNet unetkit reads into a GGUF file, one tensor a
 exactly ggml's reference bytes. Sensitive tensors (conv_in, conv_out, time embedding: F16; biases and norms: F32)
 stay high-precision by default; every tensor's decision and reason is stored in the file and printed with --json.
 
-recipes: {", ".join("gguf:" + r for r in RECIPES)}
+recipes: {", ".join("gguf:" + r for r in RECIPES)}, gguf:auto
+gguf:auto  chooses each tensor's qtype to meet exactly one target: --target-size 600MiB (the file is never larger),
+           --target-bpw 5.0, or --target-sqnr 30 (dB, the output's SQNR on the calibration set). It measures the
+           UNet's per-tensor sensitivity first (see `unetkit sensitivity`; cached, so a second target is quick),
+           honours --keep/--override and the flavor's rules, records each choice's reason in the file, then
+           runs the written file on the calibration set and reports predicted against measured SQNR.
 flavors:
   comfy      ComfyUI-GGUF (default): LDM names without prefix, general.architecture=sd1; tensors whose last dim
              does not fit the block are stored as rows of 256 with comfy.gguf.orig_shape, so convolutions quantize
@@ -31,6 +45,8 @@ runtime methods (OUTPUT is a folder that unetkit.load_unet(OUTPUT) reloads witho
   names (fnmatch; a name without wildcards matches as dotted parts, e.g. attn2.to_v)."""
 EPILOG = """examples:
   unetkit quantize model.safetensors model-Q4_K_M.gguf --method gguf:Q4_K_M
+  unetkit quantize model.safetensors model-600M.gguf --method gguf:auto --target-size 600MiB --html auto.html
+  unetkit quantize model.safetensors model-30dB.gguf --method gguf:auto --target-sqnr 30 --flavor sdcpp
   unetkit quantize unet/ model-Q8_0.gguf --method gguf:Q8_0 --flavor sdcpp
   unetkit quantize lcm.safetensors lcm-Q5.gguf --method gguf:Q5_K_M --keep 'out.*' --override 'attn2.to_k=Q8_0'
   unetkit quantize model.safetensors unet-int8/ --method torchao:int8-weight-only
@@ -82,6 +98,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="GLOB",
         help="torchao/quanto: keep matching modules in float (wins over --include); repeatable",
     )
+    t = p.add_argument_group("gguf:auto targets (exactly one)")
+    t.add_argument("--target-size", metavar="SIZE", help="largest file size: 600MiB, 1.5GB, 700M, or bytes")
+    t.add_argument("--target-bpw", type=float, metavar="N", help="bits per weight over all tensors")
+    t.add_argument("--target-sqnr", type=float, metavar="DB", help="output SQNR on the calibration set (dB)")
+    t.add_argument("--no-measure", dest="measure", action="store_false", help="skip running the written file")
+    t.add_argument("--html", metavar="FILE", help="write the auto report (mix per block, size/SQNR front)")
+    add_sensitivity_options(p)
     add_source_options(p, "quantize")
     p.set_defaults(run=run)
 
@@ -93,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
         return run_runtime(args)
     if args.include or args.exclude:
         raise UnetkitError("--include/--exclude are for torchao:/quanto: methods; GGUF uses --keep/--override")
+    targets = [args.target_size, args.target_bpw, args.target_sqnr]
+    if args.method.lower() == "gguf:auto":
+        return run_auto(args)
+    if any(t is not None for t in targets) or args.html:
+        raise UnetkitError(f"--target-size/--target-bpw/--target-sqnr/--html are for gguf:auto, not {args.method}")
     with ByteBar("quantizing", enabled=not args.json and not args.quiet) as bar:
         r = quantize_file(
             args.input,
@@ -119,6 +147,64 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{len(fallbacks)} tensor(s) could not take the requested qtype (kept F16); e.g. "
             f"{fallbacks[0]['name']}: {fallbacks[0]['reason']}"
+        )
+    return 0
+
+
+def run_auto(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unetkit.formats.atomic import check_output, check_writable
+    from unetkit.sensitivity import quantize_to_target
+
+    if args.ema or args.config:
+        raise UnetkitError("gguf:auto reads the file as it is: --ema and --config are not supported with it")
+    if args.html:
+        check_output(Path(args.html), args.force, inputs=(args.input,))
+        check_writable(Path(args.html))
+    progress, close = progress_bar("sensitivity", not args.json and not args.quiet)
+    try:
+        r = quantize_to_target(
+            args.input,
+            args.output,
+            target_size=args.target_size,
+            target_bpw=args.target_bpw,
+            target_sqnr=args.target_sqnr,
+            flavor=args.flavor,
+            keep=args.keep,
+            override=args.override,
+            force=args.force,
+            settings=settings_from(args),
+            measure=args.measure,
+            cache=args.cache,
+            progress=progress,
+        )
+    finally:
+        close()
+    d = r.to_dict()
+    if args.html:
+        from unetkit.sensitivity.html import write_auto_html
+
+        write_auto_html(d, args.html, force=args.force)
+    if args.json:
+        emit_json(d)
+    else:
+        rows = [[q, str(v["tensors"]), f"{v['parameters']:,}", human_bytes(v["bytes"])] for q, v in r.by_qtype.items()]
+        target = f"{r.target['kind']} {r.target['given']}"
+        print(f"wrote {r.output} (gguf:auto, target {target}, flavor {args.flavor}) in {r.seconds:.1f} s")
+        print(table(rows, ["qtype", "tensors", "parameters", "bytes"]))
+        measured = "not measured" if r.measured_sqnr_db is None else f"{r.measured_sqnr_db:.2f} dB measured"
+        print(
+            f"file {human_bytes(r.file_bytes)} ({r.file_bytes:,} bytes), {r.bits_per_weight:.2f} bits per weight; "
+            f"output SQNR {r.predicted_sqnr_db:.2f} dB predicted, {measured}"
+        )
+        for note in r.notes:
+            print(note)
+        if args.html:
+            print(f"wrote {args.html}")
+    if r.met is False:  # exit code 1, as a failed verify
+        raise VerificationFailed(
+            f"target missed: measured SQNR {r.measured_sqnr_db:.2f} dB < {r.target['value']} dB (the file is kept)"
         )
     return 0
 

@@ -158,9 +158,9 @@ def verify(
         first_output = None
         for t in spread_timesteps(timesteps, train_sched.config.num_train_timesteps):
             xt = train_sched.add_noise(inputs.x0, inputs.noise, torch.tensor([t]))
-            ref_out = _predict(ref_model, inputs, xt, t)
+            ref_out = predict(ref_model, inputs, xt, t)
             tick(f"timestep {t} (reference)")
-            cand_out = _predict(cand_model, inputs, xt, t)
+            cand_out = predict(cand_model, inputs, xt, t)
             tick(f"timestep {t} (candidate)")
             stats = compare(ref_out, cand_out)
             report.timesteps.append({"timestep": t, **stats.to_dict()})
@@ -185,8 +185,8 @@ def verify(
         res = run_blame(
             ref_model,
             cand_model,
-            lambda: _predict(ref_model, one, xt, t_mid, guided=False),
-            lambda: _predict(cand_model, one, xt, t_mid, guided=False),
+            lambda: predict(ref_model, one, xt, t_mid, guided=False),
+            lambda: predict(cand_model, one, xt, t_mid, guided=False),
             t_mid,
         )
         tick("per-layer blame", 3)
@@ -351,10 +351,10 @@ def _confirm_exact(
     t = spread_timesteps(1, train_sched.config.num_train_timesteps)[0]
     xt = train_sched.add_noise(inputs.x0, inputs.noise, torch.tensor([t]))
     with torch.no_grad():
-        ref_out = _predict(ref, inputs, xt, t)
+        ref_out = predict(ref, inputs, xt, t)
         if progress:
             progress(1, 2, f"timestep {t} (reference)")
-        cand_out = _predict(cand, inputs, xt, t)
+        cand_out = predict(cand, inputs, xt, t)
         if progress:
             progress(2, 2, f"timestep {t} (candidate)")
     stats = compare(ref_out, cand_out)
@@ -368,7 +368,7 @@ def _confirm_exact(
     return report
 
 
-def _predict(model: nn.Module, inputs, latents: torch.Tensor, t: int, guided: bool = True) -> torch.Tensor:
+def predict(model: nn.Module, inputs, latents: torch.Tensor, t: int, guided: bool = True) -> torch.Tensor:
     """The model's (guided) noise prediction for ``latents`` at timestep ``t``, as float32."""
     dt = compute_dtype(model)
     x = latents if inputs.extra is None else torch.cat([latents, inputs.extra[: latents.shape[0]]], dim=1)
@@ -398,9 +398,9 @@ def _sample(
     lat_cand = lat_ref.clone()
     per_step = []
     for i, t in enumerate(s_ref.timesteps):
-        p_ref = _predict(ref, inputs, s_ref.scale_model_input(lat_ref, t), int(t))
+        p_ref = predict(ref, inputs, s_ref.scale_model_input(lat_ref, t), int(t))
         tick(f"sampling step {i + 1}/{steps} (reference)")
-        p_cand = _predict(cand, inputs, s_cand.scale_model_input(lat_cand, t), int(t))
+        p_cand = predict(cand, inputs, s_cand.scale_model_input(lat_cand, t), int(t))
         tick(f"sampling step {i + 1}/{steps} (candidate)")
         lat_ref = s_ref.step(p_ref, t, lat_ref, generator=g_ref).prev_sample
         lat_cand = s_cand.step(p_cand, t, lat_cand, generator=g_cand).prev_sample

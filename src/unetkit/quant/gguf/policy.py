@@ -20,6 +20,7 @@ upgrades are the ones ComfyUI-GGUF's patched ``llama-quantize`` applies to SD1/S
 | Q5_0    | Q5_0 | ff.net.2 -> Q5_1                                                                 |
 | Q4_0    | Q4_0 | ff.net.2 -> Q4_1                                                                 |
 | others  | itself (F32, F16, BF16, Q8_0, Q6_K, Q5_1, Q4_1)                                   |
+| auto    | per tensor, what ``Recipe.chosen`` says (``gguf:auto``: :mod:`.auto` chooses)     |
 
 "The first N" counts the tensors that reach the upgrade rule in the UNet's order (LDM names with their numbers
 compared as numbers: input blocks, middle block, output blocks; llama-quantize counts in file order, which gives
@@ -60,6 +61,7 @@ RESHAPE_ROW = 256  # ComfyUI-GGUF's row length for reshaped tensors
 SDCPP_MAX_NAME = 127
 
 TO_V, FF_OUT = "*.to_v.weight", "*.ff.net.2.weight"
+AUTO = "AUTO"  # the recipe whose qtypes are chosen per tensor (Recipe.chosen) to meet a target
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,14 @@ class Recipe:
     flavor: str = "comfy"
     keep: tuple[str, ...] = ()  # globs kept at high precision
     override: tuple[tuple[str, str], ...] = field(default=())  # (glob, qtype)
+    #: the AUTO recipe's choice: LDM name -> (qtype, reason), for every tensor no earlier rule settles
+    chosen: Mapping[str, tuple[str, str]] = field(default_factory=dict, compare=False)
 
     @staticmethod
     def parse(name: str, flavor: str = "comfy", keep: Sequence[str] = (), override: Sequence[str] = ()) -> Recipe:
         key = name.upper().removeprefix("GGUF:")
-        if key not in RECIPES:
-            raise QuantError(f"unknown GGUF recipe {name!r}; known: {', '.join(RECIPES)}")
+        if key not in RECIPES and key != AUTO:
+            raise QuantError(f"unknown GGUF recipe {name!r}; known: {', '.join(RECIPES)}, auto")
         if flavor not in FLAVORS:
             raise QuantError(f"unknown GGUF flavor {flavor!r}; known: {', '.join(FLAVORS)}")
         pairs = []
@@ -144,9 +148,13 @@ def decide(
     tensors before this one (in the UNet's order) reached the same recipe upgrade; only upgrades limited to "the
     first N" (Q4_K_S, Q3_K_M) look at it, and ``plan`` computes it."""
     shape = tuple(int(d) for d in shape)
-    early = _before_upgrades(name, shape, recipe, is_linear, sensitive)
+    early = settled(name, shape, recipe, is_linear, sensitive)
     if early is not None:
         return early
+    if recipe.name == AUTO:
+        if name not in recipe.chosen:
+            raise QuantError(f"gguf:auto chose no qtype for {name!r}: its sensitivity was not measured")
+        return fit(name, shape, *recipe.chosen[name], recipe.flavor)
     qtype, why = RECIPES[recipe.name][0], f"recipe {recipe.name}"
     up = upgrade_for(name, recipe)
     if up is not None:
@@ -164,10 +172,10 @@ def decide(
 
 def upgrade_for(name: str, recipe: Recipe) -> Upgrade | None:
     """The recipe's upgrade rule for this tensor name, or None."""
-    return next((up for up in RECIPES[recipe.name][1] if matches(name, up.glob)), None)
+    return next((up for up in RECIPES.get(recipe.name, ("", ()))[1] if matches(name, up.glob)), None)
 
 
-def _before_upgrades(
+def settled(
     name: str, shape: tuple[int, ...], recipe: Recipe, is_linear: bool | None, sensitive: str | None
 ) -> Decision | None:
     """The decision when a rule before the recipe's upgrades settles it (override, keep, 1-D, float recipe,
@@ -184,7 +192,7 @@ def _before_upgrades(
             return high("F16" if len(shape) > 1 else "F32", f"kept by --keep '{glob}'")
     if len(shape) <= 1:
         return high("F32", "1-D tensor (bias or norm): kept in F32")
-    base = RECIPES[recipe.name][0]
+    base = RECIPES[recipe.name][0] if recipe.name != AUTO else AUTO
     if base in ("F32", "F16", "BF16"):
         return high(base, f"recipe {recipe.name}")
     if sensitive:
@@ -258,7 +266,7 @@ def plan(
         up = upgrade_for(name, recipe)
         if up is None or up.first is None:
             continue
-        if _before_upgrades(name, tuple(int(d) for d in shape), recipe, is_linear(name), sensitive.get(name)):
+        if settled(name, tuple(int(d) for d in shape), recipe, is_linear(name), sensitive.get(name)):
             continue
         ranks[i] = seen.get(up.glob, 0)
         seen[up.glob] = ranks[i] + 1
