@@ -152,10 +152,13 @@ def run_worker(script: Path, task: str, *args, env: dict[str, str] | None = None
     return rec
 
 
-def run_command(cmd: list[str], env: dict[str, str] | None = None, rss: bool = True) -> dict:
+def run_command(
+    cmd: list[str], env: dict[str, str] | None = None, rss: bool = True, stdout: Path | None = None
+) -> dict:
     """Run a command; wall time and that process's own peak RSS. The RSS comes from GNU time, a small C
     program: measured from this Python process, a child's maxrss would include the parent's pages (fork).
-    ``rss=False``: no GNU time in between (for start-up times, where its own exec would count)."""
+    ``rss=False``: no GNU time in between (for start-up times, where its own exec would count). ``stdout``: a file
+    that receives the command's standard output (else it is discarded)."""
     import tempfile
 
     full_env = {**os.environ, **(env or {})}
@@ -167,11 +170,11 @@ def run_command(cmd: list[str], env: dict[str, str] | None = None, rss: bool = T
         if proc.returncode != 0:
             rec["error"] = _tail(proc.stderr, 1)
         return rec
-    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file:
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss_file, open(stdout or os.devnull, "w") as out:
         t0 = time.perf_counter()
         proc = subprocess.run(
             ["/usr/bin/time", "-f", "%M", "-o", rss_file.name, *cmd],
-            stdout=subprocess.DEVNULL,
+            stdout=out,
             stderr=subprocess.PIPE,
             text=True,
             env=full_env,

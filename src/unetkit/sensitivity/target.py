@@ -256,21 +256,24 @@ class AutoPlan:
         """Least noise in a file of at most ``target`` bytes: the byte budget is the target less the header and
         the settled tensors (exact, from the planned file; the header holds every decision's reason, so it is
         planned again after each choice until the file fits)."""
-        smallest = {n: (_smallest(o).qtype, "") for n, o in self.options.items()}
-        floor = planned_file_bytes(self.source, self._recipe(smallest), self._decisions(smallest))
+        lo = sum(_smallest(o).nbytes for o in self.options.values())
+        at_floor = self.chosen(self.solve_bytes(lo))  # every decided tensor at its smallest option, with reasons
+        floor = planned_file_bytes(self.source, self._recipe(at_floor), self._decisions(at_floor))
         if floor > target:
             raise UnetkitError(
                 f"--target-size {target} bytes: the smallest file gguf:auto can write here is {floor} bytes (every "
                 f"tensor it decides at its smallest qtype, the others as --keep/--override, the family and the "
                 f"{self.recipe.flavor} flavor settle them)"
             )
+        # the header and the settled tensors, as planned for the floor; the reasons of another choice differ in
+        # length by a few bytes each, which `slack` takes up if the planned file comes out over the target
+        around = floor - sum(self._option(n, q).nbytes for n, (q, _) in at_floor.items())
         slack = 0
-        sol = None
         for _ in range(8):
-            base = self.chosen(sol) if sol is not None else smallest
-            size = planned_file_bytes(self.source, self._recipe(base), self._decisions(base))
-            decided = sum(self._option(n, q).nbytes for n, (q, _) in base.items())
-            sol = self.solve_bytes(target - (size - decided) - slack)
+            budget = target - around - slack
+            if budget < lo:
+                return self.solve_bytes(lo)
+            sol = self.solve_bytes(budget)
             final = planned_file_bytes(self.source, self._recipe(self.chosen(sol)), self._decisions(self.chosen(sol)))
             if final <= target:
                 return sol

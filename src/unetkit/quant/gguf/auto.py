@@ -85,11 +85,11 @@ class Choice:
     def reason(self, total_noise: float) -> str:
         o = self.option
         share = o.noise / total_noise if total_noise > 0 else 0.0
-        text = f"auto: {o.qtype}, {o.nbytes} bytes, predicted noise {o.noise:.4g} ({share:.2%} of the file's)"
+        text = f"auto: predicted noise {o.noise:.3g} ({share:.2%} of the file's)"
         if self.larger is not None:
             d_b = self.larger.nbytes - o.nbytes
             d_n = o.noise - self.larger.noise
-            text += f"; {self.larger.qtype} would add {d_b} bytes for {d_n:.3g} less noise"
+            text += f"; {self.larger.qtype}: +{d_b} B, -{d_n:.3g}"
         return text
 
 

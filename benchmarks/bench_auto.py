@@ -1,0 +1,209 @@
+"""gguf:auto against the fixed recipes: the size/SQNR front on a full-size SD1.5 UNet (fp32, seeded random weights).
+
+    python benchmarks/bench_auto.py                 # everything (about 40 minutes on 2 cores; nothing else running)
+    python benchmarks/bench_auto.py --size tiny     # the same on a tiny SD1.5 (about 2 minutes; a smoke run)
+    python benchmarks/bench_auto.py --table         # the markdown from --json
+
+Rows (each command a fresh `unetkit` process, timed as a whole by benchmarks/common.py's run_command, GNU time for
+the peak RSS):
+- sensitivity: `unetkit sensitivity SRC` with an empty cache (default settings: 32x32 latent, 4 timesteps, 8
+  probes, 12 check runs). Goal: <= 15 minutes on 2 cores. Its check: predicted against measured noise.
+- every fixed K-quant recipe and Q8_0: `unetkit quantize --method gguf:<recipe>`: time and file size; the file's
+  output SQNR measured on the calibration set (verify's seeded inputs and guided prediction, the same timesteps
+  and latent size as the sensitivity run: `unetkit.sensitivity.target.measure_file`).
+- auto at --targets sizes from Q2_K's to Q8_0's file size, Q4_K_M's own size among them: `unetkit quantize
+  --method gguf:auto --target-size N --json` (sensitivity from the cache); the command measures its own file the
+  same way. Goal: at Q4_K_M's size, measured SQNR >= Q4_K_M's + 3 dB.
+- auto at `--target-sqnr` = Q4_K_M's measured SQNR. Goal: a file >= 15 % smaller than Q4_K_M's.
+- re-targeting from the cache: auto at Q4_K_M's size with --no-measure against `gguf:Q4_K_M`'s own quantize time.
+  Goal: no slower.
+No other tool chooses per-tensor GGUF types for SD UNets (ggufy's fixed bands and sd.cpp's open pull request have no
+target), so the fixed recipes, what users pick today, are the comparison. A plot of the front goes to
+bench_out/auto/front.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PY, ROOT, load_results, machine, markdown, run_command
+
+RECIPES = ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
+
+
+def unetkit(*args: str) -> list[str]:
+    return [PY, "-m", "unetkit.cli.app", "-q", *args]
+
+
+def source(size: str, work: Path) -> Path:
+    path = work / f"sd15_{size}_fp32.safetensors"
+    if not path.exists():
+        from unetkit.sample import write_ldm_checkpoint
+
+        write_ldm_checkpoint(path, "sd1.x", size, seed=0, dtype="fp32", writer="safetensors")
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=("full", "tiny"), default="full")
+    ap.add_argument("--targets", type=int, default=8, help="auto size targets (default 8)")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "auto")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    json_path = args.json or ROOT / "bench_out" / f"auto_{args.size}.json"
+    if args.table:
+        print(table(load_results(json_path)))
+        return 0
+    work = args.workdir / args.size
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "cache"
+    env = {"UNETKIT_CACHE_DIR": str(cache)}
+    src = source(args.size, work)
+    res: dict = {"machine": machine(), "size": args.size, "source": str(src), "src_bytes": src.stat().st_size}
+
+    # 1. sensitivity, from an empty cache
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    rec = run_command(unetkit("sensitivity", str(src), "--json", str(work / "sens.json"), "--force"), env=env)
+    sens = json.loads((work / "sens.json").read_text())
+    rec["check"] = {k: v for k, v in sens["check"].items() if k != "pairs"}
+    rec["phases_s"] = sens["seconds"]
+    res["sensitivity"] = rec
+    print("sensitivity", rec, flush=True)
+
+    # 2. the fixed recipes
+    from unetkit.sensitivity.measure import Sensitivity
+    from unetkit.sensitivity.target import measure_file
+
+    s = Sensitivity.from_dict(sens)
+    res["recipes"] = {}
+    for recipe in RECIPES:
+        out = work / f"{recipe}.gguf"
+        rec = run_command(unetkit("quantize", str(src), str(out), "--method", f"gguf:{recipe}", "--force"), env=env)
+        rec["file_bytes"] = out.stat().st_size
+        rec["measured_sqnr_db"], rec["measured_per_timestep_db"] = measure_file(src, out, s)
+        res["recipes"][recipe] = rec
+        print(recipe, rec, flush=True)
+    q4 = res["recipes"]["Q4_K_M"]
+
+    # 3. auto at sizes from Q2_K's to Q8_0's, Q4_K_M's size among them
+    # (from 1 % above Q2_K's: auto's own header, every tensor's reason, is longer than a recipe's)
+    lo, hi = int(res["recipes"]["Q2_K"]["file_bytes"] * 1.01), res["recipes"]["Q8_0"]["file_bytes"]
+    sizes = sorted({lo + (hi - lo) * k // (args.targets - 2) for k in range(args.targets - 1)} | {q4["file_bytes"]})
+    res["auto"] = [auto(src, work, env, "--target-size", str(n)) for n in sizes]
+    # 4. auto at Q4_K_M's measured SQNR
+    res["auto_sqnr"] = auto(src, work, env, "--target-sqnr", f"{q4['measured_sqnr_db']:.3f}")
+    # 5. re-targeting from the cache, no measuring, against the fixed recipe's quantize
+    out = work / "retarget.gguf"
+    cmd = ["quantize", str(src), str(out), "--method", "gguf:auto", "--target-size", str(q4["file_bytes"])]
+    res["retarget"] = run_command(unetkit(*cmd, "--no-measure", "--force"), env=env)
+    print("retarget", res["retarget"], flush=True)
+    json_path.write_text(json.dumps(res, indent=1))
+    plot(res, work / "front.png")
+    print(table(res))
+    return 0
+
+
+def auto(src: Path, work: Path, env: dict, flag: str, value: str) -> dict:
+    out = work / f"auto_{flag.strip('-')}_{value}.gguf"
+    stdout = work / f"auto_{flag.strip('-')}_{value}.json"
+    cmd = ["quantize", str(src), str(out), "--method", "gguf:auto", flag, value, "--json", "--force"]
+    rec = run_command(unetkit(*cmd), env=env, stdout=stdout)
+    r = json.loads(stdout.read_text())
+    rec.update(
+        target=r["target"],
+        file_bytes=r["file_bytes"],
+        bits_per_weight=r["bits_per_weight"],
+        predicted_sqnr_db=r["predicted_sqnr_db"],
+        measured_sqnr_db=r["measured_sqnr_db"],
+        met=r["met"],
+        by_qtype={q: v["parameters"] for q, v in r["by_qtype"].items()},
+    )
+    print("auto", flag, value, {k: v for k, v in rec.items() if k != "by_qtype"}, flush=True)
+    return rec
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    pts = sorted((a["file_bytes"] / 2**20, a["measured_sqnr_db"]) for a in res["auto"])
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="gguf:auto (measured)")
+    for name, r in res["recipes"].items():
+        ax.plot(r["file_bytes"] / 2**20, r["measured_sqnr_db"], "s", color="gray")
+        ax.annotate(name, (r["file_bytes"] / 2**20, r["measured_sqnr_db"]), fontsize=7)
+    a = res["auto_sqnr"]
+    ax.plot(a["file_bytes"] / 2**20, a["measured_sqnr_db"], "*", ms=12, label="auto at Q4_K_M's SQNR")
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("output SQNR on the calibration set (dB)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+
+
+def table(res: dict) -> str:
+    mib = lambda b: f"{b / 2**20:.1f} MiB"
+    s = res["sensitivity"]
+    c = s["check"]
+    out = [
+        f"sensitivity: {s['seconds']:.0f} s wall, peak RSS {s.get('peak_rss_mb', 0) / 1024:.2f} GB; phases "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in s["phases_s"].items())
+        + f"; check over {c['n']} single-tensor runs: Pearson (log) {c['pearson_log']:.3f}, Spearman "
+        f"{c['spearman']:.3f}, median measured/predicted {c['median_ratio']:.2f}",
+        "",
+    ]
+    rows = [
+        [f"gguf:{n}", mib(r["file_bytes"]), f"{r['measured_sqnr_db']:.2f}", "", f"{r['seconds']:.0f} s"]
+        for n, r in res["recipes"].items()
+    ]
+    for a in res["auto"]:
+        rows.append(
+            [
+                f"gguf:auto --target-size {a['target']['given']}",
+                mib(a["file_bytes"]),
+                f"{a['measured_sqnr_db']:.2f}",
+                f"{a['predicted_sqnr_db']:.2f}",
+                f"{a['seconds']:.0f} s",
+            ]
+        )
+    a = res["auto_sqnr"]
+    rows.append(
+        [
+            f"gguf:auto --target-sqnr {a['target']['given']}",
+            mib(a["file_bytes"]),
+            f"{a['measured_sqnr_db']:.2f}",
+            f"{a['predicted_sqnr_db']:.2f}",
+            f"{a['seconds']:.0f} s",
+        ]
+    )
+    rows.sort(key=lambda r: float(r[1].split()[0]))
+    out.append(markdown(rows, ["file", "size", "measured SQNR (dB)", "predicted (dB)", "wall (whole command)"]))
+    q4 = res["recipes"]["Q4_K_M"]
+    same = min(res["auto"], key=lambda x: abs(x["file_bytes"] - q4["file_bytes"]))
+    gain = same["measured_sqnr_db"] - q4["measured_sqnr_db"]
+    smaller = 1 - a["file_bytes"] / q4["file_bytes"]
+    out += [
+        "",
+        f"- at Q4_K_M's size ({mib(q4['file_bytes'])}): auto {same['measured_sqnr_db']:.2f} dB against "
+        f"{q4['measured_sqnr_db']:.2f} dB, {gain:+.2f} dB (goal +3 dB: {'met' if gain >= 3 else 'missed'})",
+        f"- at Q4_K_M's SQNR ({q4['measured_sqnr_db']:.2f} dB): auto {mib(a['file_bytes'])} "
+        f"(measured {a['measured_sqnr_db']:.2f} dB), {100 * smaller:.1f} % smaller "
+        f"(goal 15 %: {'met' if smaller >= 0.15 and a['met'] else 'missed'})",
+        f"- re-targeting from the cache (auto at Q4_K_M's size, --no-measure): {res['retarget']['seconds']:.0f} s "
+        f"against {q4['seconds']:.0f} s for gguf:Q4_K_M",
+    ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
