@@ -379,9 +379,20 @@ def qtypes_for(shape: tuple[int, ...]) -> list[str]:
 
 def weight_noise(w: torch.Tensor, f: torch.Tensor, qtype: str) -> list[float]:
     """Predicted output noise per timestep of storing ``w`` as ``qtype``: sum over runs of mean(F) * |dW|^2."""
-    dw = decoded(w, qtype).sub_(w.float())
-    e = _run_sums(dw.pow_(2)).double()
-    return [float((f[t].double() * e).sum()) / RUN for t in range(f.shape[0])]
+    return _group_noise([w], [f], qtype)[0]
+
+
+def _group_noise(ws: list[torch.Tensor], fs: list[torch.Tensor], qtype: str) -> list[list[float]]:
+    """:func:`weight_noise` of several tensors with one codec call: their blocks concatenated (each tensor's
+    blocks stay its own: every size here is whole blocks), which saves the per-call cost of many small tensors."""
+    flat = torch.cat([w.detach().float().reshape(-1) for w in ws])
+    dw = decoded(flat, qtype).sub_(flat)
+    out, at = [], 0
+    for w, f in zip(ws, fs):
+        e = _run_sums(dw[at : at + w.numel()].pow(2)).double()
+        at += w.numel()
+        out.append([float((f[t].double() * e).sum()) / RUN for t in range(f.shape[0])])
+    return out
 
 
 def decoded(w: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -399,6 +410,25 @@ def decoded(w: torch.Tensor, qtype: str) -> torch.Tensor:
 
 # the encoder processes read the weights and F from the parent through fork (copy-on-write, nothing sent)
 _SHARED: dict[str, Any] = {}
+GROUP_ELEMENTS = 4 << 20  # tensors smaller than this are measured together, up to this many elements per job
+
+
+def _jobs(weights: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Groups of tensor names: a big tensor alone, small ones together; biggest first (the pool's tail stays
+    short)."""
+    jobs: list[list[str]] = []
+    group: list[str] = []
+    size = 0
+    for name in sorted(weights, key=lambda n: (-weights[n].numel(), n)):
+        n = weights[name].numel()
+        if group and size + n > GROUP_ELEMENTS:
+            jobs.append(group)
+            group, size = [], 0
+        group.append(name)
+        size += n
+    if group:
+        jobs.append(group)
+    return jobs
 
 
 def _predict_all(
@@ -408,11 +438,11 @@ def _predict_all(
     if workers is None:
         workers = (os.cpu_count() or 1) if n_bytes >= 256 << 20 else 0
     out: dict[str, dict[str, list[float]]] = {}
-    names = sorted(weights, key=lambda n: -weights[n].numel())  # biggest first: the pool's tail stays short
+    jobs = _jobs(weights)
     if workers <= 1:
-        for name in names:
-            out[name] = _noise_job_local(weights[name], fmap[name])
-            tick(f"quantized {name}")
+        for job in jobs:
+            out.update(_noise_job_local(job, weights, fmap))
+            tick(f"quantized {job[0]}", len(job))
         return out
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -424,10 +454,10 @@ def _predict_all(
     try:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as ex:
-            futures = {ex.submit(_noise_job, name): name for name in names}
+            futures = {ex.submit(_noise_job, job): job for job in jobs}
             for fut in as_completed(futures):
-                out[futures[fut]] = fut.result()
-                tick(f"quantized {futures[fut]}")
+                out.update(fut.result())
+                tick(f"quantized {futures[fut][0]}", len(futures[fut]))
     finally:
         _SHARED.clear()
     return out
@@ -437,12 +467,22 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _noise_job(name: str) -> dict[str, list[float]]:
-    return _noise_job_local(_SHARED["weights"][name], _SHARED["fmap"][name])
+def _noise_job(job: list[str]) -> dict[str, dict[str, list[float]]]:
+    return _noise_job_local(job, _SHARED["weights"], _SHARED["fmap"])
 
 
-def _noise_job_local(w: torch.Tensor, f: torch.Tensor) -> dict[str, list[float]]:
-    return {q: weight_noise(w, f, q) for q in qtypes_for(tuple(w.shape))}
+def _noise_job_local(
+    job: list[str], weights: dict[str, torch.Tensor], fmap: dict[str, torch.Tensor]
+) -> dict[str, dict[str, list[float]]]:
+    """Every qtype measured for every tensor of the job, one codec call per qtype."""
+    out: dict[str, dict[str, list[float]]] = {name: {} for name in job}
+    qtypes = {name: qtypes_for(tuple(weights[name].shape)) for name in job}
+    for q in (*LADDER, *LEGACY):
+        names = [n for n in job if q in qtypes[n]]
+        if names:
+            for name, noise in zip(names, _group_noise([weights[n] for n in names], [fmap[n] for n in names], q)):
+                out[name][q] = noise
+    return {name: {q: out[name][q] for q in qtypes[name]} for name in job}
 
 
 def _check(
