@@ -3,11 +3,12 @@
     python benchmarks/bench_auto.py                 # everything (about 40 minutes on 2 cores; nothing else running)
     python benchmarks/bench_auto.py --size tiny     # the same on a tiny SD1.5 (about 2 minutes; a smoke run)
     python benchmarks/bench_auto.py --table         # the markdown from --json
+    python benchmarks/bench_auto.py --only sensitivity retarget   # some sections again, merged into --json
 
 Rows (each command a fresh `unetkit` process, timed as a whole by benchmarks/common.py's run_command, GNU time for
 the peak RSS):
-- sensitivity: `unetkit sensitivity SRC` with an empty cache (default settings: 32x32 latent, 4 timesteps, 8
-  probes, 12 check runs). Goal: <= 15 minutes on 2 cores. Its check: predicted against measured noise.
+- sensitivity: `unetkit sensitivity SRC` with an empty cache (default settings: 32x32 latent, 4 timesteps, 4
+  probes, 8 check runs). Goal: <= 15 minutes on 2 cores. Its check: predicted against measured noise.
 - every fixed K-quant recipe and Q8_0: `unetkit quantize --method gguf:<recipe>`: time and file size; the file's
   output SQNR measured on the calibration set (verify's seeded inputs and guided prediction, the same timesteps
   and latent size as the sensitivity run: `unetkit.sensitivity.target.measure_file`).
@@ -32,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, ROOT, load_results, machine, markdown, run_command
 
+SECTIONS = ["sensitivity", "recipes", "auto", "auto_sqnr", "retarget"]
 RECIPES = ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
 
 
@@ -55,6 +57,12 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "auto")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--table", action="store_true")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        help="rerun these sections into the existing --json (auto_sqnr and retarget take Q4_K_M's row from it)",
+    )
     args = ap.parse_args()
     json_path = args.json or ROOT / "bench_out" / f"auto_{args.size}.json"
     if args.table:
@@ -65,46 +73,57 @@ def main() -> int:
     cache = work / "cache"
     env = {"UNETKIT_CACHE_DIR": str(cache)}
     src = source(args.size, work)
-    res: dict = {"machine": machine(), "size": args.size, "source": str(src), "src_bytes": src.stat().st_size}
+    only = set(args.only or SECTIONS)
+    res: dict = load_results(json_path) if args.only else {}
+    res.update(machine=machine(), size=args.size, source=str(src), src_bytes=src.stat().st_size)
 
     # 1. sensitivity, from an empty cache
-    import shutil
+    if "sensitivity" in only:
+        import shutil
 
-    shutil.rmtree(cache, ignore_errors=True)
-    rec = run_command(unetkit("sensitivity", str(src), "--json", str(work / "sens.json"), "--force"), env=env)
+        shutil.rmtree(cache, ignore_errors=True)
+        rec = run_command(unetkit("sensitivity", str(src), "--json", str(work / "sens.json"), "--force"), env=env)
+        sens = json.loads((work / "sens.json").read_text())
+        rec["check"] = {k: v for k, v in sens["check"].items() if k != "pairs"}
+        rec["phases_s"] = sens["seconds"]
+        rec["settings"] = sens["settings"]
+        res["sensitivity"] = rec
+        print("sensitivity", rec, flush=True)
     sens = json.loads((work / "sens.json").read_text())
-    rec["check"] = {k: v for k, v in sens["check"].items() if k != "pairs"}
-    rec["phases_s"] = sens["seconds"]
-    res["sensitivity"] = rec
-    print("sensitivity", rec, flush=True)
 
     # 2. the fixed recipes
-    from unetkit.sensitivity.measure import Sensitivity
-    from unetkit.sensitivity.target import measure_file
+    if "recipes" in only:
+        from unetkit.sensitivity.measure import Sensitivity
+        from unetkit.sensitivity.target import measure_file
 
-    s = Sensitivity.from_dict(sens)
-    res["recipes"] = {}
-    for recipe in RECIPES:
-        out = work / f"{recipe}.gguf"
-        rec = run_command(unetkit("quantize", str(src), str(out), "--method", f"gguf:{recipe}", "--force"), env=env)
-        rec["file_bytes"] = out.stat().st_size
-        rec["measured_sqnr_db"], rec["measured_per_timestep_db"] = measure_file(src, out, s)
-        res["recipes"][recipe] = rec
-        print(recipe, rec, flush=True)
+        s = Sensitivity.from_dict(sens)
+        res["recipes"] = {}
+        for recipe in RECIPES:
+            out = work / f"{recipe}.gguf"
+            cmd = unetkit("quantize", str(src), str(out), "--method", f"gguf:{recipe}", "--force")
+            rec = run_command(cmd, env=env)
+            rec["file_bytes"] = out.stat().st_size
+            rec["measured_sqnr_db"], rec["measured_per_timestep_db"] = measure_file(src, out, s)
+            res["recipes"][recipe] = rec
+            print(recipe, rec, flush=True)
     q4 = res["recipes"]["Q4_K_M"]
 
     # 3. auto at sizes from Q2_K's to Q8_0's, Q4_K_M's size among them
     # (from 1 % above Q2_K's: auto's own header, every tensor's reason, is longer than a recipe's)
-    lo, hi = int(res["recipes"]["Q2_K"]["file_bytes"] * 1.01), res["recipes"]["Q8_0"]["file_bytes"]
-    sizes = sorted({lo + (hi - lo) * k // (args.targets - 2) for k in range(args.targets - 1)} | {q4["file_bytes"]})
-    res["auto"] = [auto(src, work, env, "--target-size", str(n)) for n in sizes]
+    if "auto" in only:
+        lo, hi = int(res["recipes"]["Q2_K"]["file_bytes"] * 1.01), res["recipes"]["Q8_0"]["file_bytes"]
+        steps = range(args.targets - 1)
+        sizes = sorted({lo + (hi - lo) * k // (args.targets - 2) for k in steps} | {q4["file_bytes"]})
+        res["auto"] = [auto(src, work, env, "--target-size", str(n)) for n in sizes]
     # 4. auto at Q4_K_M's measured SQNR
-    res["auto_sqnr"] = auto(src, work, env, "--target-sqnr", f"{q4['measured_sqnr_db']:.3f}")
+    if "auto_sqnr" in only:
+        res["auto_sqnr"] = auto(src, work, env, "--target-sqnr", f"{q4['measured_sqnr_db']:.3f}")
     # 5. re-targeting from the cache, no measuring, against the fixed recipe's quantize
-    out = work / "retarget.gguf"
-    cmd = ["quantize", str(src), str(out), "--method", "gguf:auto", "--target-size", str(q4["file_bytes"])]
-    res["retarget"] = run_command(unetkit(*cmd, "--no-measure", "--force"), env=env)
-    print("retarget", res["retarget"], flush=True)
+    if "retarget" in only:
+        out = work / "retarget.gguf"
+        cmd = ["quantize", str(src), str(out), "--method", "gguf:auto", "--target-size", str(q4["file_bytes"])]
+        res["retarget"] = run_command(unetkit(*cmd, "--no-measure", "--force"), env=env)
+        print("retarget", res["retarget"], flush=True)
     json_path.write_text(json.dumps(res, indent=1))
     plot(res, work / "front.png")
     print(table(res))

@@ -82,10 +82,10 @@ def add_sensitivity_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration (sensitivity settings; part of the cache key)")
     g.add_argument("--calib-size", type=int, default=32, metavar="N", help="latent side (default 32)")
     g.add_argument("--calib-timesteps", type=int, default=4, metavar="N", help="timesteps (default 4)")
-    g.add_argument("--probes", type=int, default=8, help="random output probes per timestep (default 8)")
+    g.add_argument("--probes", type=int, default=4, help="random output probes per timestep (default 4)")
     g.add_argument("--calib-seed", type=int, default=0, metavar="N")
     g.add_argument("--prompt-embeds", metavar="FILE", help="prompt_embeds (and pooled) to calibrate with")
-    g.add_argument("--check", type=int, default=12, metavar="N", help="single-tensor runs that check the estimate")
+    g.add_argument("--check", type=int, default=8, metavar="N", help="single-tensor runs that check the estimate (8)")
     g.add_argument("--no-cache", dest="cache", action="store_false", help="measure again, store nothing")
 
 

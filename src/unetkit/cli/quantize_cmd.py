@@ -25,7 +25,8 @@ stay high-precision by default; every tensor's decision and reason is stored in 
 
 recipes: {", ".join("gguf:" + r for r in RECIPES)}, gguf:auto
 gguf:auto  chooses each tensor's qtype to meet exactly one target: --target-size 600MiB (the file is never larger),
-           --target-bpw 5.0, or --target-sqnr 30 (dB, the output's SQNR on the calibration set). It measures the
+           --target-bpw 5.0, or --target-sqnr 30 (dB, the output's SQNR on the calibration set; planned 0.25 dB
+           above it, the prediction's margin of error). It measures the
            UNet's per-tensor sensitivity first (see `unetkit sensitivity`; cached, so a second target is quick),
            honours --keep/--override and the flavor's rules, records each choice's reason in the file, then
            runs the written file on the calibration set and reports predicted against measured SQNR.

@@ -57,12 +57,12 @@ class Settings:
 
     size: int = 32  # latent side
     timesteps: int = 4
-    probes: int = 8  # random output directions per timestep
+    probes: int = 4  # random output directions per timestep
     seed: int = 0
     guidance: float | None = None  # None: verify's default for the scheduler
     scheduler: str | None = None  # None: lcm for LCM UNets, else ddim (verify's choice)
     prompt_embeds: str | None = None
-    check: int = 12  # single-tensor quantizations run for real to check the prediction
+    check: int = 8  # single-tensor quantizations run for real to check the prediction
 
     def key(self, sha256: str) -> str:
         embeds = _file_sha(self.prompt_embeds) if self.prompt_embeds else None

@@ -27,6 +27,7 @@ choice (a byte budget below the smallest options), naming the smallest reachable
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -84,13 +85,18 @@ class Choice:
 
     def reason(self, total_noise: float) -> str:
         o = self.option
-        share = o.noise / total_noise if total_noise > 0 else 0.0
-        text = f"auto: predicted noise {o.noise:.3g} ({share:.2%} of the file's)"
+        text = f"auto: {o.nbytes} B, costs {_db_cost(total_noise, o.noise):.3g} dB of predicted SQNR"
         if self.larger is not None:
             d_b = self.larger.nbytes - o.nbytes
-            d_n = o.noise - self.larger.noise
-            text += f"; {self.larger.qtype}: +{d_b} B, -{d_n:.3g}"
+            text += f"; {self.larger.qtype}: +{d_b} B for {_db_cost(total_noise, o.noise - self.larger.noise):.3g} dB"
         return text
+
+
+def _db_cost(total: float, part: float) -> float:
+    """The SQNR (dB) that ``part`` of a total noise ``total`` costs: what removing it would gain."""
+    if total <= 0 or part <= 0:
+        return 0.0
+    return 10 * math.log10(total / max(total - part, total * 1e-12))
 
 
 @dataclass
