@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, ROOT, load_results, machine, markdown, run_command
+from common import PY, ROOT, machine, markdown, run_command
 
 SECTIONS = ["sensitivity", "recipes", "auto", "auto_sqnr", "retarget"]
 RECIPES = ["Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0"]
@@ -66,7 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     json_path = args.json or ROOT / "bench_out" / f"auto_{args.size}.json"
     if args.table:
-        print(table(load_results(json_path)))
+        print(table(json.loads(json_path.read_text())))
         return 0
     work = args.workdir / args.size
     work.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def main() -> int:
     env = {"UNETKIT_CACHE_DIR": str(cache)}
     src = source(args.size, work)
     only = set(args.only or SECTIONS)
-    res: dict = load_results(json_path) if args.only else {}
+    res: dict = json.loads(json_path.read_text()) if args.only else {}
     res.update(machine=machine(), size=args.size, source=str(src), src_bytes=src.stat().st_size)
 
     # 1. sensitivity, from an empty cache

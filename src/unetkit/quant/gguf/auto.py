@@ -170,11 +170,7 @@ def choose(
         if at[n] + 1 < len(h):
             heapq.heappush(heap, (-efficiency(n), k, n))
     chosen = {n: hulls[n][at[n]] for n in names}
-    if max_bytes is not None:
-        nbytes, noise, moved = _polish_bytes(options, chosen, names, nbytes, noise, max_bytes)
-    else:
-        assert max_noise is not None
-        nbytes, noise, moved = _polish_noise(options, chosen, names, nbytes, noise, max_noise)
+    nbytes, noise, moved = _polish(options, chosen, names, nbytes, noise, max_bytes=max_bytes, max_noise=max_noise)
     steps += moved
     met = max_noise is None or noise <= max_noise
     choices = {}
@@ -187,31 +183,11 @@ def choose(
     return Solution(choices, nbytes, noise, met, steps)
 
 
-def _polish_bytes(options, chosen, names, nbytes, noise, max_bytes):
-    """Spend what is left of the byte budget: the single change that lowers noise most and fits, repeatedly."""
-    moved = 0
-    while True:
-        best = None
-        for k, n in enumerate(names):
-            cur = chosen[n]
-            for o in options[n]:
-                gain = cur.noise - o.noise
-                if gain > 0 and nbytes - cur.nbytes + o.nbytes <= max_bytes:
-                    key = (gain, -o.nbytes, -k)
-                    if best is None or key > best[0]:
-                        best = (key, n, o)
-        if best is None:
-            return nbytes, noise, moved
-        _, n, o = best
-        nbytes += o.nbytes - chosen[n].nbytes
-        noise += o.noise - chosen[n].noise
-        chosen[n] = o
-        moved += 1
-
-
-def _polish_noise(options, chosen, names, nbytes, noise, max_noise):
-    """Give back bytes the noise budget does not need: the single change that saves most and stays within it."""
-    if noise > max_noise:
+def _polish(options, chosen, names, nbytes, noise, *, max_bytes=None, max_noise=None):
+    """One option change at a time, until none helps. With ``max_bytes``: the change that lowers the noise most and
+    still fits (spending what the greedy left of the budget). With ``max_noise``: the change that saves the most
+    bytes and keeps the noise within it (giving back bytes the budget does not need)."""
+    if max_noise is not None and noise > max_noise:
         return nbytes, noise, 0
     moved = 0
     while True:
@@ -219,11 +195,14 @@ def _polish_noise(options, chosen, names, nbytes, noise, max_noise):
         for k, n in enumerate(names):
             cur = chosen[n]
             for o in options[n]:
-                saved = cur.nbytes - o.nbytes
-                if saved > 0 and noise - cur.noise + o.noise <= max_noise:
-                    key = (saved, -o.noise, -k)
-                    if best is None or key > best[0]:
-                        best = (key, n, o)
+                if max_bytes is not None:
+                    ok = o.noise < cur.noise and nbytes - cur.nbytes + o.nbytes <= max_bytes
+                    key = (cur.noise - o.noise, -o.nbytes, -k)
+                else:
+                    ok = o.nbytes < cur.nbytes and noise - cur.noise + o.noise <= max_noise
+                    key = (cur.nbytes - o.nbytes, -o.noise, -k)
+                if ok and (best is None or key > best[0]):
+                    best = (key, n, o)
         if best is None:
             return nbytes, noise, moved
         _, n, o = best
