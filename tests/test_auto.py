@@ -20,9 +20,6 @@ from unetkit.sensitivity import Settings, analyze, quantize_to_target
 
 FAST = Settings(size=16, timesteps=2, probes=4, check=8)
 
-# one xdist worker runs this file: its module fixtures (a sensitivity run) are then built once, not once per worker
-pytestmark = pytest.mark.xdist_group("auto")
-
 # --------------------------------------------------------------------------------------------------------------------
 # the optimiser
 

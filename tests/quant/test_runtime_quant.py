@@ -49,10 +49,6 @@ def one_thread():
 #: transformer stacks, three or four levels)
 VARIANTS = ["sd1.x", "sd1.x-lcm", "sdxl", "sdxl-refiner", "sdxl-inpainting"]
 
-# one xdist worker runs this file: the module fixture below (every method on every variant, about 2 minutes) is
-# then built once, not once per worker
-pytestmark = pytest.mark.xdist_group("runtime-quant")
-
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):

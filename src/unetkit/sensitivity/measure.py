@@ -223,6 +223,7 @@ def calibration(model: nn.Module, settings: Settings) -> Calibration:
 
 def _measure(source: Any, sha: str, settings: Settings, workers: int | None, progress: Progress | None) -> Sensitivity:
     from unetkit.loading import load_unet
+    from unetkit.verification.compare import ticker
 
     t0 = time.perf_counter()
     model = load_unet(source, dtype="fp32")
@@ -230,14 +231,7 @@ def _measure(source: Any, sha: str, settings: Settings, workers: int | None, pro
     targets = _targets(source, model)
     calib = calibration(model, settings)
     n_t = len(calib.timesteps)
-    total = n_t * (1 + settings.probes) + len(targets) + settings.check
-    done = 0
-
-    def tick(what: str, n: int = 1) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total, what)
+    tick = ticker(n_t * (1 + settings.probes) + len(targets) + settings.check, progress)
 
     fmap = _sensitivity_map(model, targets, calib, settings, tick)
     t1 = time.perf_counter()

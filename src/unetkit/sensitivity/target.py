@@ -69,9 +69,10 @@ class AutoResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("predicted_sqnr_db", "measured_sqnr_db"):
-            if isinstance(d[k], float) and math.isinf(d[k]):
-                d[k] = None
+        for k in ("predicted_sqnr_db", "measured_sqnr_db"):  # JSON has no inf: None says lossless
+            d[k] = _finite(d[k]) if d[k] is not None else None
+        for k in ("predicted_per_timestep_db", "measured_per_timestep_db"):
+            d[k] = None if d[k] is None else [_finite(v) for v in d[k]]
         return d
 
 

@@ -44,6 +44,19 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 
+def ticker(total: int, progress: Progress | None) -> Callable[..., None]:
+    """``tick(what, n=1)``: counts ``n`` more steps done of ``total`` and tells ``progress``, if any."""
+    done = 0
+
+    def tick(what: str, n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total, what)
+
+    return tick
+
+
 def verify(
     reference: str | Path | nn.Module,
     candidate: str | Path | nn.Module,
@@ -109,13 +122,7 @@ def verify(
     cfg_mult = 2 if inputs.uncond is not None else 1
     vae_model = _load_vae(vae) if vae is not None else None
     total = 2 * timesteps + 2 * steps + (3 if blame else 0)  # progress counts UNet calls (CFG: batch of two)
-    done = 0
-
-    def tick(what: str, n: int = 1) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress(done, total, what)
+    tick = ticker(total, progress)
 
     report = Report(
         reference=ref_side,
