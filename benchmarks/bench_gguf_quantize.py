@@ -18,7 +18,6 @@ Results merge into --json, so sections can be run one at a time; `--table` print
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ from common import (
     remove,
     rss_now_mb,
     run_worker,
+    save_results,
     settle,
     warm,
     worker_or_args,
@@ -231,8 +231,7 @@ def main() -> None:
     r: dict = load_results(jpath)
     if not args.table:
         run(args, r)
-        jpath.parent.mkdir(parents=True, exist_ok=True)
-        jpath.write_text(json.dumps({"machine": machine(), "results": r}, indent=2))
+        save_results(jpath, r)
     print(tables(r))
 
 

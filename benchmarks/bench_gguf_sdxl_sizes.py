@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_results, machine, markdown
+from common import load_results, markdown, save_results
 
 VARIANTS = ["sdxl", "sdxl-refiner", "sd1.x"]
 RECIPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K"]
@@ -177,8 +177,7 @@ def main() -> None:
     r: dict = load_results(jpath)
     if not args.table:
         run(args, r)
-        jpath.parent.mkdir(parents=True, exist_ok=True)
-        jpath.write_text(json.dumps({"machine": machine(), "results": r}, indent=2))
+        save_results(jpath, r)
     print(tables(r))
 
 

@@ -14,7 +14,6 @@ Results merge into --json; `--table` prints the markdown from it."""
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from common import (
     peak_rss_mb,
     rss_now_mb,
     run_worker,
+    save_results,
     warm,
     worker_or_args,
 )
@@ -146,7 +146,7 @@ def main() -> None:
             print(f"  {task} ...", end=" ", flush=True)
             r[task] = run_worker(SCRIPT, task, str(src), str(ref), str(ddir), str(args.forwards))
             print({k: round(v, 4) if isinstance(v, float) else v for k, v in r[task].items()}, flush=True)
-            jpath.write_text(json.dumps({"machine": machine(), "results": r}, indent=2))
+            save_results(jpath, r)
     print(table(r))
 
 

@@ -105,6 +105,12 @@ def load_results(path: Path) -> dict:
     return json.loads(Path(path).read_text())["results"] if Path(path).exists() else {}
 
 
+def save_results(path: Path, results: dict) -> None:
+    """Write ``results`` with the machine they were measured on, the format :func:`load_results` reads."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+
+
 def warm(path: Path) -> None:
     """Read a file once so it sits in the page cache (every tool then starts from the same warm state)."""
     files = [p for p in Path(path).rglob("*") if p.is_file()] if Path(path).is_dir() else [Path(path)]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -46,6 +47,7 @@ from unetkit.quant.gguf.auto import LADDER, LEGACY
 from unetkit.quant.gguf.qtypes import qtype_by_name
 from unetkit.shapes import numel
 
+log = logging.getLogger(__name__)
 METHOD_VERSION = 1  # bump when the numbers a cached result holds would change
 RUN = 32  # weights per run of the sensitivity map F: the block of the legacy types, a sub-block of the K-quants
 Progress = Callable[[int, int, str], None]  # (done, total, what)
@@ -138,8 +140,9 @@ def analyze(
     if cache and path.is_file():
         try:
             found = Sensitivity.from_dict(json.loads(path.read_text()))
-        except (ValueError, TypeError, KeyError):
-            found = None  # a damaged cache entry is measured again
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("sensitivity cache entry %s is damaged (%s): measuring again", path, e)
+            found = None
         if found is not None and found.sha256 == sha:
             found.cached = True
             found.source = str(src)
@@ -167,8 +170,8 @@ def _store(path: Path, result: Sensitivity) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(path, force=True) as tmp:
             Path(tmp).write_text(json.dumps(result.to_dict()))
-    except (OSError, UnetkitError):
-        pass  # a cache that cannot be written only costs the next run its time
+    except (OSError, UnetkitError) as e:  # a cache that cannot be written only costs the next run its time
+        log.warning("could not store the sensitivity result in %s (%s): the next run measures again", path, e)
 
 
 def _file_sha(path: str) -> str:
