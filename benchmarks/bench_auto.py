@@ -1,6 +1,8 @@
-"""gguf:auto against the fixed recipes: the size/SQNR front on a full-size SD1.5 UNet (fp32, seeded random weights).
+"""gguf:auto against the fixed recipes: the size/SQNR front on a full-size SD1.5 UNet (fp32, seeded random weights),
+or SDXL (fp16 source, as SDXL fine-tunes ship; seeded random weights).
 
     python benchmarks/bench_auto.py                 # everything (about 40 minutes on 2 cores; nothing else running)
+    python benchmarks/bench_auto.py --family sdxl   # the same on full-size SDXL (about 2 hours)
     python benchmarks/bench_auto.py --size tiny     # the same on a tiny SD1.5 (about 2 minutes; a smoke run)
     python benchmarks/bench_auto.py --table         # the markdown from --json
     python benchmarks/bench_auto.py --only sensitivity retarget   # some sections again, merged into --json
@@ -41,18 +43,25 @@ def unetkit(*args: str) -> list[str]:
     return [PY, "-m", "unetkit.cli.app", "-q", *args]
 
 
-def source(size: str, work: Path) -> Path:
-    path = work / f"sd15_{size}_fp32.safetensors"
+# family -> (variant, source dtype, file stem)
+FAMILIES = {"sd15": ("sd1.x", "fp32", "sd15"), "sdxl": ("sdxl", "fp16", "sdxl")}
+
+
+def source(family: str, size: str, work: Path) -> Path:
+    variant, dtype, stem = FAMILIES[family]
+    path = work / f"{stem}_{size}_{dtype}.safetensors"
     if not path.exists():
         from unetkit.sample import write_ldm_checkpoint
 
-        write_ldm_checkpoint(path, "sd1.x", size, seed=0, dtype="fp32", writer="safetensors")
+        write_ldm_checkpoint(path, variant, size, seed=0, dtype=dtype, writer="safetensors")
     return path
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
     ap.add_argument("--size", choices=("full", "tiny"), default="full")
+    ap.add_argument("--keep-files", action="store_true", help="keep the GGUF files (default: deleted once measured)")
     ap.add_argument("--targets", type=int, default=8, help="auto size targets (default 8)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "auto")
     ap.add_argument("--json", type=Path, default=None)
@@ -64,18 +73,19 @@ def main() -> int:
         help="rerun these sections into the existing --json (auto_sqnr and retarget take Q4_K_M's row from it)",
     )
     args = ap.parse_args()
-    json_path = args.json or ROOT / "bench_out" / f"auto_{args.size}.json"
+    tag = args.size if args.family == "sd15" else f"{args.family}_{args.size}"
+    json_path = args.json or ROOT / "bench_out" / f"auto_{tag}.json"
     if args.table:
         print(table(json.loads(json_path.read_text())))
         return 0
-    work = args.workdir / args.size
+    work = args.workdir / tag
     work.mkdir(parents=True, exist_ok=True)
     cache = work / "cache"
     env = {"UNETKIT_CACHE_DIR": str(cache)}
-    src = source(args.size, work)
+    src = source(args.family, args.size, work)
     only = set(args.only or SECTIONS)
     res: dict = json.loads(json_path.read_text()) if args.only else {}
-    res.update(machine=machine(), size=args.size, source=str(src), src_bytes=src.stat().st_size)
+    res.update(machine=machine(), family=args.family, size=args.size, source=str(src), src_bytes=src.stat().st_size)
 
     # 1. sensitivity, from an empty cache
     if "sensitivity" in only:
@@ -89,6 +99,7 @@ def main() -> int:
         rec["settings"] = sens["settings"]
         res["sensitivity"] = rec
         print("sensitivity", rec, flush=True)
+        json_path.write_text(json.dumps(res, indent=1))
     sens = json.loads((work / "sens.json").read_text())
 
     # 2. the fixed recipes
@@ -104,8 +115,11 @@ def main() -> int:
             rec = run_command(cmd, env=env)
             rec["file_bytes"] = out.stat().st_size
             rec["measured_sqnr_db"], rec["measured_per_timestep_db"] = measure_file(src, out, s)
+            if not args.keep_files:
+                out.unlink()
             res["recipes"][recipe] = rec
             print(recipe, rec, flush=True)
+        json_path.write_text(json.dumps(res, indent=1))
     q4 = res["recipes"]["Q4_K_M"]
 
     # 3. auto at sizes from Q2_K's to Q8_0's, Q4_K_M's size among them
@@ -114,15 +128,18 @@ def main() -> int:
         lo, hi = int(res["recipes"]["Q2_K"]["file_bytes"] * 1.01), res["recipes"]["Q8_0"]["file_bytes"]
         steps = range(args.targets - 1)
         sizes = sorted({lo + (hi - lo) * k // (args.targets - 2) for k in steps} | {q4["file_bytes"]})
-        res["auto"] = [auto(src, work, env, "--target-size", str(n)) for n in sizes]
+        res["auto"] = [auto(src, work, env, "--target-size", str(n), args.keep_files) for n in sizes]
+        json_path.write_text(json.dumps(res, indent=1))
     # 4. auto at Q4_K_M's measured SQNR
     if "auto_sqnr" in only:
-        res["auto_sqnr"] = auto(src, work, env, "--target-sqnr", f"{q4['measured_sqnr_db']:.3f}")
+        res["auto_sqnr"] = auto(src, work, env, "--target-sqnr", f"{q4['measured_sqnr_db']:.3f}", args.keep_files)
     # 5. re-targeting from the cache, no measuring, against the fixed recipe's quantize
     if "retarget" in only:
         out = work / "retarget.gguf"
         cmd = ["quantize", str(src), str(out), "--method", "gguf:auto", "--target-size", str(q4["file_bytes"])]
         res["retarget"] = run_command(unetkit(*cmd, "--no-measure", "--force"), env=env)
+        if not args.keep_files:
+            out.unlink()
         print("retarget", res["retarget"], flush=True)
     json_path.write_text(json.dumps(res, indent=1))
     plot(res, work / "front.png")
@@ -130,12 +147,14 @@ def main() -> int:
     return 0
 
 
-def auto(src: Path, work: Path, env: dict, flag: str, value: str) -> dict:
+def auto(src: Path, work: Path, env: dict, flag: str, value: str, keep: bool) -> dict:
     out = work / f"auto_{flag.strip('-')}_{value}.gguf"
     stdout = work / f"auto_{flag.strip('-')}_{value}.json"
     cmd = ["quantize", str(src), str(out), "--method", "gguf:auto", flag, value, "--json", "--force"]
     rec = run_command(unetkit(*cmd), env=env, stdout=stdout)
     r = json.loads(stdout.read_text())
+    if not keep:
+        out.unlink()
     rec.update(
         target=r["target"],
         file_bytes=r["file_bytes"],

@@ -22,7 +22,9 @@ words; kohya's ``ss_*`` training record; anything else), plus unetkit's keys, wh
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,7 @@ DISPLACED = "unetkit.displaced"  # JSON object: source keys the output's contain
 PREDICTION_TYPE = "unetkit.prediction_type"  # "epsilon" | "v_prediction"
 PREDICTION = "unetkit.prediction"  # JSON: type, source, from_default, zero_terminal_snr, edm (see unetkit.prediction)
 PREDICTION_MARKERS = "unetkit.prediction_markers"  # JSON: each marker tensor's dtype, shape and bytes (hex)
+BATCH_JOB = "unetkit.batch_job"  # JSON: the batch job (verb and options) that made this output (see unetkit.batch)
 UNETKIT_PREFIX = "unetkit."
 
 #: safetensors' metadata convention: "pt" for torch tensors (what unetkit writes)
@@ -64,6 +67,22 @@ GGUF_ORIG_SHAPE = "comfy.gguf.orig_shape."
 
 #: written first and patched in place once the source's sha256 (computed while writing) is known: same length
 SHA_PLACEHOLDER = "0" * 64
+
+_RECORDED: ContextVar[tuple[tuple[str, str], ...]] = ContextVar("unetkit_recorded", default=())
+
+
+@contextmanager
+def recording(keys: Mapping[str, str]) -> Iterator[None]:
+    """Every output written inside this block also records ``keys`` (``unetkit.*`` names) with this run's own:
+    the batch runner stamps each output with its job (``unetkit.batch_job``) this way, whichever verb writes it."""
+    bad = [k for k in keys if not k.startswith(UNETKIT_PREFIX)]
+    if bad:
+        raise ValueError(f"recorded keys must be {UNETKIT_PREFIX}* names, not {bad}")
+    token = _RECORDED.set(tuple({**dict(_RECORDED.get()), **keys}.items()))
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
 
 
 def metadata_for(
@@ -96,7 +115,7 @@ def metadata_for(
         own[TIME_COND_PROJ_DIM] = str(spec.time_cond_proj_dim)
     if prediction is not None:
         own.update(prediction.metadata(with_markers=markers_in_metadata))
-    for key, value in (extra or {}).items():
+    for key, value in {**dict(_RECORDED.get()), **(extra or {})}.items():
         own[key] = str(value)
     theirs, history, displaced = carry(carried or {}, container)
     if history:

@@ -26,11 +26,12 @@ EPILOG = """start here:
   unetkit quantize model.safetensors m.gguf --method gguf:auto --target-size 600MiB   the best file of 600 MiB
   unetkit verify model.safetensors m.gguf --quick --html r.html   how far off, where, which layer to blame
   unetkit bench model.safetensors m.gguf m.gguf@load         load time, memory, latency of each, one table
+  unetkit batch catalog.toml [--engine ray]                 every model x every job, resumable, with a ledger
 run `unetkit COMMAND --help` for each command's options and examples."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from unetkit.cli import bench_cmd, convert_cmd, inspect_cmd, quantize_cmd, sensitivity_cmd, verify_cmd
+    from unetkit.cli import batch_cmd, bench_cmd, convert_cmd, inspect_cmd, quantize_cmd, sensitivity_cmd, verify_cmd
 
     parser = Parser(
         prog="unetkit", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (inspect_cmd, convert_cmd, quantize_cmd, sensitivity_cmd, verify_cmd, bench_cmd):
+    for module in (inspect_cmd, convert_cmd, quantize_cmd, sensitivity_cmd, verify_cmd, bench_cmd, batch_cmd):
         module.add_parser(sub)
     for p in sub.choices.values():  # -v and -q work after the command too; SUPPRESS keeps the value given before it
         p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more log output")

@@ -89,7 +89,11 @@ def remember_sha256(key: str | None, digest: str) -> None:
 class FileHasher:
     """sha256 of the source file(s), computed in a thread while the output is written (hashlib releases the
     GIL on large buffers, so it runs on the second core). Several files (shards) hash as their concatenation.
-    A digest remembered for the same unchanged files is used without reading them; ``cached`` says which."""
+    A digest remembered for the same unchanged files is used without reading them; ``cached`` says which.
+    ``background = False`` (class-wide: set by batch engine workers, whose cores are spoken for) hashes in the
+    caller's turn, inside ``result()``, instead of in a thread of its own."""
+
+    background = True
 
     def __init__(self, files: tuple[Path, ...]):
         self.files = tuple(Path(f) for f in files)
@@ -100,7 +104,7 @@ class FileHasher:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
-        if not self.cached:
+        if not self.cached and self.background:
             self._thread.start()
 
     def _run(self) -> None:

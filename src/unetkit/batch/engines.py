@@ -1,0 +1,241 @@
+"""Where tasks run: one small interface, two engines.
+
+An engine takes tasks (``submit``), says whether it can take another now (``can_admit``, given the task's
+estimated peak memory), and hands back ledger rows as tasks finish (``wait``). The runner
+(:mod:`unetkit.batch.runner`) owns the order, the dependencies and the ledger; the engine owns processes.
+
+- ``local`` (default): a pool of worker processes, one per core unless told, each importing torch once and running
+  task after task (``spawn``: nothing of the parent's threads or state is inherited). A task is admitted only when
+  its estimated peak fits the memory budget left by the tasks running (default: 90 % of the memory available when
+  the batch starts); one that fits no budget runs alone. A worker that dies (SIGKILL, out of memory) breaks the
+  pool: the tasks it held run again once in a new pool, then fail with the cause.
+- ``ray``: each task a Ray task with its resource requests (1 CPU, its estimated memory) and ``max_retries`` for
+  workers that die. With no address a local Ray instance is started (and stopped at the end); ``auto`` or
+  ``ray://host:port`` joins a cluster, whose nodes must all see the inputs and the output folder at the same paths.
+  Ray is imported here only, when this engine is chosen (``pip install unetkit[ray]``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+from unetkit.batch.jobs import run_task, setup_worker
+from unetkit.batch.plan import Task
+from unetkit.errors import BackendUnavailable, UnetkitError
+
+ENGINES = ("local", "ray")
+
+
+class Engine(Protocol):
+    name: str
+    workers: int
+
+    def __enter__(self) -> Engine: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def can_admit(self, estimate: int) -> bool: ...
+    def submit(self, task: Task, of: Task | None, estimate: int) -> None: ...
+    def running(self) -> int: ...
+    def wait(self) -> list[dict[str, Any]]: ...
+
+
+def make_engine(
+    name: str, *, workers: int | None = None, memory: int | None = None, address: str | None = None, force: bool = False
+) -> Engine:
+    if name == "local":
+        return LocalEngine(workers=workers, memory=memory, force=force)
+    if name == "ray":
+        return RayEngine(workers=workers, address=address, force=force)
+    raise UnetkitError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere: physical pages free)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class LocalEngine:
+    name = "local"
+
+    def __init__(self, workers: int | None = None, memory: int | None = None, force: bool = False, retries: int = 1):
+        self.workers = max(1, workers or _cores())
+        self.threads = max(1, _cores() // self.workers)
+        self.budget = memory if memory is not None else int(0.9 * available_memory())
+        self.force, self.retries = force, retries
+        self.pool: Any = None
+        self.inflight: dict[Any, tuple[Task, Task | None, int]] = {}  # future -> (task, of, estimate)
+        self.attempts: dict[str, int] = {}
+        self.notes: list[str] = []
+
+    def __enter__(self) -> LocalEngine:
+        self._new_pool()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _new_pool(self) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=setup_worker,
+            initargs=(self.threads,),
+        )
+
+    def running(self) -> int:
+        return len(self.inflight)
+
+    def can_admit(self, estimate: int) -> bool:
+        if len(self.inflight) >= self.workers:
+            return False
+        if not self.inflight:
+            return True  # alone, even over the budget: the runner notes it
+        return sum(e for _, _, e in self.inflight.values()) + estimate <= self.budget
+
+    def submit(self, task: Task, of: Task | None, estimate: int) -> None:
+        self.attempts[task.id] = self.attempts.get(task.id, 0) + 1
+        fut = self.pool.submit(run_task, task, of, self.force)
+        self.inflight[fut] = (task, of, estimate)
+
+    def wait(self) -> list[dict[str, Any]]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+        from concurrent.futures.process import BrokenProcessPool
+
+        done, _ = wait_futures(list(self.inflight), return_when=FIRST_COMPLETED)
+        rows, broken = [], []
+        for fut in done:
+            task, of, est = self.inflight.pop(fut)
+            try:
+                row = fut.result()
+            except BrokenProcessPool:
+                broken.append((task, of, est))
+                continue
+            row["attempt"] = self.attempts[task.id]
+            rows.append(row)
+        if broken:
+            # every task of a broken pool is lost with it: those still in flight too
+            broken += list(self.inflight.values())
+            self.inflight.clear()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self._new_pool()
+            for task, of, est in broken:
+                if self.attempts[task.id] <= self.retries:
+                    self.submit(task, of, est)
+                else:
+                    rows.append(worker_died_row(task, self.attempts[task.id]))
+        return rows
+
+
+def worker_died_row(task: Task, attempts: int) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "input": task.input,
+        "job": task.job.name,
+        "verb": task.job.verb,
+        "options": task.job.options,
+        "output": task.output,
+        "status": "failed",
+        "error": f"the worker process died {attempts} time(s) running this task (killed, or out of memory); "
+        "nothing was written under the output's name",
+        "attempt": attempts,
+    }
+
+
+def _ray_task(task: Task, of: Task | None, force: bool, threads: int) -> dict[str, Any]:
+    setup_worker(threads)
+    return run_task(task, of, force)
+
+
+class RayEngine:
+    name = "ray"
+
+    def __init__(
+        self, workers: int | None = None, address: str | None = None, force: bool = False, retries: int = 2
+    ) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise BackendUnavailable(
+                "the ray engine needs Ray: pip install 'unetkit[ray]' (or use the default --engine local)"
+            ) from e
+        self.ray = ray
+        self.address, self.force, self.retries = address, force, retries
+        self.workers = workers or _cores()
+        self.started = False
+        self.inflight: dict[Any, tuple[Task, Task | None]] = {}
+        self.remote: Any = None
+        self.memory_cap = 0
+        self.notes: list[str] = []
+
+    def __enter__(self) -> RayEngine:
+        ray = self.ray
+        env = {k: v for k, v in os.environ.items() if k.startswith("UNETKIT_")}
+        kw: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": "WARNING",
+            "log_to_driver": False,
+            "runtime_env": {"env_vars": env} if env else None,
+        }
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, **kw)
+            else:
+                ray.init(num_cpus=self.workers, **kw)
+            self.started = True
+        res = ray.cluster_resources()
+        self.workers = int(res.get("CPU", self.workers))
+        self.memory_cap = int(0.9 * res.get("memory", available_memory()))
+        self.remote = ray.remote(_ray_task)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+    def running(self) -> int:
+        return len(self.inflight)
+
+    def can_admit(self, estimate: int) -> bool:
+        return len(self.inflight) < 2 * self.workers  # Ray queues and places them; this keeps the driver's view short
+
+    def submit(self, task: Task, of: Task | None, estimate: int) -> None:
+        assert self.remote is not None
+        memory = min(estimate, self.memory_cap)  # a request over every node's memory would wait for ever
+        ref = self.remote.options(num_cpus=1, memory=memory, max_retries=self.retries).remote(task, of, self.force, 1)
+        self.inflight[ref] = (task, of)
+
+    def wait(self) -> list[dict[str, Any]]:
+        ray = self.ray
+        done, _ = ray.wait(list(self.inflight), num_returns=1)
+        rows = []
+        for ref in done:
+            task, _of = self.inflight.pop(ref)
+            try:
+                row = ray.get(ref)
+            except ray.exceptions.RayError as e:  # the worker died more than max_retries times, or Ray failed
+                row = worker_died_row(task, self.retries + 1)
+                row["error"] = f"Ray could not run this task: {type(e).__name__}: {str(e).splitlines()[0]}"
+            rows.append(row)
+        return rows
