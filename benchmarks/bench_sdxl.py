@@ -60,6 +60,7 @@ from common import (
     settle,
     warm,
     worker_or_args,
+    write_random_ldm,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -98,27 +99,8 @@ def medium_config() -> dict:
 
 
 def write_medium(path: Path, seed: int) -> Path:
-    """The medium SDXL as an fp16 LDM file: seeded weights drawn as unetkit.sample draws them (scale 0.02), one
-    tensor at a time, written by the safetensors library."""
-    import torch
-    from safetensors.torch import save_file
-
-    from unetkit.keymap import KeyMap, Topology
-    from unetkit.spec import build_model
-
-    cfg = medium_config()
-    model = build_model(cfg, device="meta")
-    keymap = KeyMap.for_topology(Topology.from_config(model.config))
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, p in model.named_parameters():
-        t = torch.randn(tuple(p.shape), generator=g).mul_(0.02)
-        if name.endswith("weight") and "norm" in name:
-            t.add_(1.0)
-        state["model.diffusion_model." + keymap.to_ldm(name)] = t.half()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt", "bench": f"sdxl medium width={MEDIUM_WIDTH} seed={seed}"})
-    return path
+    """The medium SDXL as an fp16 LDM file (common.write_random_ldm)."""
+    return write_random_ldm(path, medium_config(), seed, f"sdxl medium width={MEDIUM_WIDTH} seed={seed}")
 
 
 # ------------------------------------------------------------------------------------------------------ worker

@@ -57,6 +57,30 @@ def make_sd15_source(path: Path, seed: int = 0) -> Path:
     return write_ldm_checkpoint(path, "sd1.x", "full", seed=seed, dtype="fp32", writer="safetensors")
 
 
+def write_random_ldm(path: Path, cfg: dict, seed: int, label: str, scale: float = 0.02) -> Path:
+    """A UNet of diffusers config ``cfg`` (any width: the mid-size models of bench_sdxl and bench_batch) as an fp16
+    LDM file: seeded weights drawn one tensor at a time (randn * scale; norm weights 1 + that), written by the
+    safetensors library (8-byte aligned, as downloaded files are), ``label`` in its metadata."""
+    import torch
+    from safetensors.torch import save_file
+
+    from unetkit.keymap import KeyMap, Topology
+    from unetkit.spec import build_model
+
+    model = build_model(cfg, device="meta")
+    keymap = KeyMap.for_topology(Topology.from_config(model.config))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        t = torch.randn(tuple(p.shape), generator=g).mul_(scale)
+        if name.endswith("weight") and "norm" in name:
+            t.add_(1.0)
+        state["model.diffusion_model." + keymap.to_ldm(name)] = t.half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt", "bench": label})
+    return path
+
+
 def local_config(src: Path, config_dir: Path) -> Path:
     """A local diffusers config folder for ``src`` (diffusers must not reach the Hub), written once."""
     if not (config_dir / "config.json").exists():

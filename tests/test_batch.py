@@ -149,9 +149,12 @@ def test_a_changed_source_or_foreign_file_is_not_skipped_and_never_replaced_with
     assert r["status"] == "failed" and "not made by this job" in r["error"] and "--force" in r["error"]
     assert out.read_bytes() == b"a file the user put here"
     assert run_batch(plan, workers=1, force=True).rows[0]["status"] == "done"
+    with open(plan.ledger, "a") as f:
+        f.write('{"id": "a row cut short by a kill')  # no newline: the next run's first row must not join it
     write_ldm_checkpoint(m / "a.safetensors", "sd1.x", "tiny", seed=1)  # new weights under the same name
     r = run_batch(plan, workers=1).rows[0]
     assert r["status"] == "failed" and "different source_sha256" in r["error"]
+    assert [x["status"] for x in read_ledger(plan.ledger)] == ["failed", "done", "failed"]
 
 
 def test_a_failed_verification_stays_failed_on_the_next_run(tmp_path):
@@ -258,6 +261,9 @@ def test_cli_folder_shortcut_exit_codes_json_and_html(tmp_path, capsys):
     d = json.loads(capsys.readouterr().out)
     assert (d["done"], d["failed"]) == (1, 0) and Path(d["html"]).is_file()
     assert "unetkit batch" in Path(d["html"]).read_text()
+    (tmp_path / "mine.html").write_text("my notes")  # a page that is not a batch summary is not replaced
+    assert main([*args, "--html", str(tmp_path / "mine.html")]) == 2
+    assert "not a batch summary" in capsys.readouterr().err and (tmp_path / "mine.html").read_text() == "my notes"
     (m / "bad.safetensors").write_bytes(b"\x00" * 20)
     assert main([*args, "--workers", "1"]) == 1
     out = capsys.readouterr().out

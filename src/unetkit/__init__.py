@@ -24,6 +24,9 @@ from unetkit.errors import (
 
 #: public name -> the module that defines it
 _LAZY = {
+    "BatchResult": "unetkit.batch",
+    "load_plan": "unetkit.batch",
+    "run_batch": "unetkit.batch",
     "BenchRecord": "unetkit.benchmarking",
     "bench": "unetkit.benchmarking",
     "ConvertResult": "unetkit.conversion",
@@ -41,6 +44,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from unetkit.batch import BatchResult, load_plan, run_batch
     from unetkit.benchmarking import BenchRecord, bench
     from unetkit.conversion import ConvertResult, convert
     from unetkit.gguf_export import quantize_file

@@ -73,9 +73,9 @@ def task_stamp(task: Task, of: Task | None) -> str:
     return task.job.stamp()
 
 
-def run_task(task: Task, of: Task | None = None, force: bool = False) -> dict[str, Any]:
-    """Run ``task`` (``of``: the task whose output a verify task checks) and return its ledger row."""
-    row: dict[str, Any] = {
+def new_row(task: Task, error: str | None = None) -> dict[str, Any]:
+    """A ledger row for ``task``: failed with ``error`` until the task says otherwise."""
+    return {
         "id": task.id,
         "input": task.input,
         "job": task.job.name,
@@ -84,15 +84,19 @@ def run_task(task: Task, of: Task | None = None, force: bool = False) -> dict[st
         "output": task.output,
         "status": "failed",
         "reason": None,
-        "error": None,
+        "error": error,
         "source_sha256": None,
         "bytes": None,
         "seconds": None,
         "peak_rss_mb": None,
         "sqnr_db": None,
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-        "started": time.time(),
     }
+
+
+def run_task(task: Task, of: Task | None = None, force: bool = False) -> dict[str, Any]:
+    """Run ``task`` (``of``: the task whose output a verify task checks) and return its ledger row."""
+    row = new_row(task)
+    row.update(worker=f"{socket.gethostname()}:{os.getpid()}", started=time.time())
     t0 = time.perf_counter()
     _reset_peak()
     try:

@@ -40,8 +40,28 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
-def write_html(result: dict[str, Any], path: str | Path) -> Path:
-    """The batch page (``result``: ``BatchResult.to_dict()``), written atomically over the previous run's."""
+TITLE = "<title>unetkit batch</title>"
+
+
+def check_page(path: str | Path, force: bool = False) -> None:
+    """The summary page replaces an earlier run's page; any other existing file only with ``force`` (checked before
+    the batch runs, not after)."""
+    from unetkit.errors import OutputExistsError
+
+    path = Path(path)
+    if path.exists() and not force:
+        ours = False
+        if path.is_file():
+            with open(path, "rb") as f:
+                ours = TITLE.encode() in f.read(4096)
+        if not ours:
+            raise OutputExistsError(f"{path}: exists and is not a batch summary; pass --force to replace it")
+
+
+def write_html(result: dict[str, Any], path: str | Path, force: bool = False) -> Path:
+    """The batch page (``result``: ``BatchResult.to_dict()``), written atomically (see :func:`check_page`)."""
+    path = Path(path)
+    check_page(path, force)
     rows = result["rows"]
     counts = f"{result['done']} done, {result['skipped']} skipped, {result['failed']} failed"
     cls = "fail" if result["failed"] else "pass"
@@ -65,10 +85,9 @@ def write_html(result: dict[str, Any], path: str | Path) -> Path:
         body.append("<h2>errors</h2>")
         body.append(_table(["input", "job", "error"], [[r["input"], r["job"], r["error"]] for r in errors]))
     page = (
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>unetkit batch</title>"
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'>{TITLE}"
         f"<style>{CSS}</style></head><body><h1>unetkit batch</h1>\n" + "\n".join(body) + "\n</body></html>\n"
     )
-    path = Path(path)
     with atomic_output(path, force=True) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

@@ -24,6 +24,7 @@ from typing import Any
 
 from unetkit._version import __version__
 from unetkit.batch.engines import make_engine
+from unetkit.batch.jobs import new_row
 from unetkit.batch.plan import Plan, Task
 from unetkit.errors import UnetkitError
 
@@ -137,7 +138,7 @@ def run_batch(
             progress(done_work, total, row)
         for dep in dependents.get(row["id"], []):
             if row["status"] == "failed":
-                finish(_not_run(dep, f"not run: {row['job']} failed on this input: {row['error']}"))
+                finish({**new_row(dep, f"not run: {row['job']} failed on this input: {row['error']}"), "seconds": 0.0})
             else:
                 ready.append(dep)
 
@@ -151,7 +152,7 @@ def run_batch(
             if t.depends:
                 continue  # released (or failed) when the task it checks finishes
             if t.input in bad:
-                finish(_not_run(t, bad[t.input]))
+                finish({**new_row(t, bad[t.input]), "seconds": 0.0})
             else:
                 ready.append(t)
         while ready or eng.running():
@@ -199,20 +200,6 @@ def _examine(plan: Plan) -> tuple[dict[str, Cost], dict[str, str]]:
     return costs, bad
 
 
-def _not_run(task: Task, error: str) -> dict[str, Any]:
-    return {
-        "id": task.id,
-        "input": task.input,
-        "job": task.job.name,
-        "verb": task.job.verb,
-        "options": task.job.options,
-        "output": task.output,
-        "status": "failed",
-        "error": error,
-        "seconds": 0.0,
-    }
-
-
 class _Ledger:
     """Append-only JSONL: one row per finished task, with the run's id and time; flushed and fsynced per row."""
 
@@ -223,7 +210,14 @@ class _Ledger:
     def __enter__(self) -> _Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            cut = False
+            if self.path.is_file() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    cut = f.read(1) != b"\n"
             self.f = open(self.path, "a", encoding="utf-8")
+            if cut:  # a row cut short by a kill: end its line, so that the next row stands on its own
+                self.f.write("\n")
         except OSError as e:
             raise UnetkitError(f"{self.path}: cannot open the ledger: {e.strerror or e}") from e
         return self

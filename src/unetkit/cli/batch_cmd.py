@@ -73,7 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from unetkit.batch import load_plan, run_batch, shortcut_plan
-    from unetkit.batch.report import HEADER, summary_rows, write_html
+    from unetkit.batch.report import HEADER, check_page, summary_rows, write_html
 
     if Path(args.plan).is_dir():
         if not args.glob or not args.output_dir:
@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             for n in plan.notes:
                 print(f"note: {n}")
         return 0
+    html_path = Path(args.html) if args.html else plan.ledger.parent / "batch.html"
+    check_page(html_path, args.force)
     progress, close = _bar(len(plan.tasks), not args.json and not args.quiet)
     try:
         result = run_batch(
@@ -114,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close()
     d = result.to_dict()
-    html_path = Path(args.html) if args.html else plan.ledger.parent / "batch.html"
-    write_html(d, html_path)
+    write_html(d, html_path, force=args.force)
     if args.json:
         emit_json({**d, "html": str(html_path)})
     else:
