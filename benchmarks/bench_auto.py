@@ -237,9 +237,12 @@ def table(res: dict) -> str:
         f"- at Q4_K_M's SQNR ({q4['measured_sqnr_db']:.2f} dB): auto {mib(a['file_bytes'])} "
         f"(measured {a['measured_sqnr_db']:.2f} dB), {100 * smaller:.1f} % smaller "
         f"(goal 15 %: {'met' if smaller >= 0.15 and a['met'] else 'missed'})",
-        f"- re-targeting from the cache (auto at Q4_K_M's size, --no-measure): {res['retarget']['seconds']:.0f} s "
-        f"against {q4['seconds']:.0f} s for gguf:Q4_K_M",
     ]
+    if "retarget" in res:
+        out.append(
+            f"- re-targeting from the cache (auto at Q4_K_M's size, --no-measure): {res['retarget']['seconds']:.0f} s "
+            f"against {q4['seconds']:.0f} s for gguf:Q4_K_M"
+        )
     return "\n".join(out)
 
 

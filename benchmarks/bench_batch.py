@@ -182,7 +182,59 @@ def table(res: dict) -> str:
             f"- Ray engine: {x:.2f}x the local engine's time (goal <= 1.2x: {'met' if x <= 1.2 else 'missed'}); "
             f"outputs byte-identical: {res.get('ray_identical')}"
         )
+    if "local" in res:
+        out += ["", scaling(res)]
     return "\n".join(out)
+
+
+#: parameters of the UNets the estimate is for (fp16 files: 2 bytes per parameter)
+TARGETS = {"SD1.5 UNet (fp16, 1.72 GB)": 859_520_964, "SDXL UNet (fp16, 5.14 GB)": 2_567_463_684}
+NODE_CORES = 16
+
+
+def scaling(res: dict) -> str:
+    """On paper, from the local engine's measured per-job times and bytes: jobs are streaming and single-threaded
+    in a worker, so CPU time and bytes scale with the parameter count. A node of NODE_CORES cores runs that many
+    workers; the shared storage must read each input once per job plus once for its hash, and take every output."""
+    rows = res["local"]["per_job"]
+    n_models = res["models"]
+    params = res["model_bytes"] / n_models / 2  # per model (fp16 inputs)
+    cpu_s = sum(r["seconds"] for r in rows) / n_models  # per model, all jobs
+    out_b = sum(r["bytes"] or 0 for r in rows) / n_models
+    in_b = res["model_bytes"] / n_models * (len(res["jobs"]) + 1)
+    peak = max(r["peak_rss_mb"] or 0 for r in rows) / 1024
+    lines = [
+        f"Scaling on paper, from the local run: per model {cpu_s:.1f} CPU-s, {in_b / 1e9:.2f} GB read, "
+        f"{out_b / 1e9:.2f} GB written, peak RSS per worker {peak:.2f} GB ({params / 1e6:.0f} M parameters).",
+        "",
+    ]
+    table_rows = []
+    crossover = []
+    for name, p in TARGETS.items():
+        k = p / params
+        for bw in (1e9, 10e9):
+            n = bw * cpu_s * k / ((in_b + out_b) * k * NODE_CORES)
+            crossover.append(f"{name} at {bw / 1e9:.0f} GB/s: from {n:.1f} nodes ({n * NODE_CORES:.0f} workers)")
+    for name, p in TARGETS.items():
+        k = p / params
+        cpu, moved = cpu_s * k, (in_b + out_b) * k
+        for nodes in (1, 4, 16, 64, 256):
+            cpu_rate = nodes * NODE_CORES / cpu  # models per second, CPU-bound
+            cells = [name, str(nodes), f"{10_000 / cpu_rate / 3600:.1f} h"]
+            for bw in (1e9, 10e9):
+                io_rate = bw / moved
+                rate = min(cpu_rate, io_rate)
+                bound = "storage" if io_rate < cpu_rate else "CPU"
+                cells.append(f"{10_000 / rate / 3600:.1f} h ({bound})")
+            table_rows.append(cells)
+    lines.append(
+        markdown(
+            table_rows,
+            ["10,000 checkpoints of", f"nodes ({NODE_CORES} cores)", "CPU only", "storage 1 GB/s", "storage 10 GB/s"],
+        )
+    )
+    lines += ["", "Where the shared storage becomes the limit: " + "; ".join(crossover) + "."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -339,3 +339,27 @@ def test_nothing_below_batch_imports_ray_and_the_engine_says_how_to_install_it(t
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 0, r.stderr
     assert "pip install 'unetkit[ray]'" in r.stdout
+
+
+def test_a_worker_that_dies_is_replaced_and_its_task_run_again(tmp_path):
+    """SIGKILL a local worker (as the OOM killer would): the pool is replaced and the task runs in the new one."""
+    from unetkit.batch.engines import LocalEngine
+
+    m = tmp_path / "models"
+    m.mkdir()
+    write_ldm_checkpoint(m / "a.safetensors", "sd1.x", "tiny", seed=0)
+    plan = shortcut_plan(m, "*.safetensors", ["convert:ldm:fp16"], tmp_path / "out")
+    with LocalEngine(workers=1) as eng:
+        victim = next(iter(eng.pool._processes))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline and victim in (eng.pool._processes or ()):  # None once the pool is broken
+            time.sleep(0.05)
+        eng.submit(plan.tasks[0], None, 0)
+        rows = []
+        while eng.running():
+            rows += eng.wait()
+        workers = set(eng.pool._processes)
+    assert [r["status"] for r in rows] == ["done"], rows
+    assert eng.replaced == 1 and victim not in workers
+    assert Path(plan.tasks[0].output).is_file() and no_temp_files(tmp_path / "out")

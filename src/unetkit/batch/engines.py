@@ -4,10 +4,12 @@ An engine takes tasks (``submit``), says whether it can take another now (``can_
 estimated peak memory), and hands back ledger rows as tasks finish (``wait``). The runner
 (:mod:`unetkit.batch.runner`) owns the order, the dependencies and the ledger; the engine owns processes.
 
-- ``local`` (default): a pool of worker processes, one per core unless told, running task after task. They are
-  forked (``spawn`` would re-import the caller's ``__main__``, which breaks scripts without an ``if __name__ ==
-  "__main__"`` guard), at once and before this process starts any thread, so each inherits the imports (torch)
-  and pays nothing for them. A task is admitted only when
+- ``local`` (default): a pool of worker processes, one per core unless told, running task after task. They come
+  from a fork server that has imported torch, diffusers and the verbs once, so each starts warm. Not ``spawn``: it
+  re-imports the caller's ``__main__``, which breaks scripts without an ``if __name__ == "__main__"`` guard (the
+  fork server is told not to). Not a plain ``fork`` of this process either: a process with threads (a test
+  runner's, a progress bar's) can fork a child that deadlocks on a lock another thread held, and under
+  pytest-xdist one did. A task is admitted only when
   its estimated peak fits the memory budget left by the tasks running (default: 90 % of the memory available when
   the batch starts); one that fits no budget runs alone. A worker that dies (SIGKILL, out of memory) breaks the
   pool: the tasks it held run again once in a new pool, then fail with the cause.
@@ -27,6 +29,8 @@ from unetkit.batch.plan import Task
 from unetkit.errors import BackendUnavailable, UnetkitError
 
 ENGINES = ("local", "ray")
+#: what the local engine's fork server imports once, for every worker it forks
+PRELOAD = ("unetkit.batch.jobs", "torch", "diffusers", "unetkit.conversion", "unetkit.gguf_export", "unetkit.loading")
 
 
 class Engine(Protocol):
@@ -84,6 +88,7 @@ class LocalEngine:
         self.pool: Any = None
         self.inflight: dict[Any, tuple[Task, Task | None, int]] = {}  # future -> (task, of, estimate)
         self.attempts: dict[str, int] = {}
+        self.replaced = 0  # pools replaced after a worker died
         self.notes: list[str] = []
 
     def __enter__(self) -> LocalEngine:
@@ -98,14 +103,12 @@ class LocalEngine:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOAD))  # not "__main__" (see the module docstring)
         self.pool = ProcessPoolExecutor(
-            self.workers,
-            mp_context=multiprocessing.get_context("fork"),
-            initializer=setup_worker,
-            initargs=(self.threads,),
+            self.workers, mp_context=ctx, initializer=setup_worker, initargs=(self.threads,)
         )
-        # fork every worker now (a fork ProcessPoolExecutor starts them all at the first submit), before the caller
-        # starts threads (progress bars); each sets itself up in its initializer
+        # start every worker now, so that the first tasks do not wait for the fork server
         for f in [self.pool.submit(_ready) for _ in range(self.workers)]:
             f.result()
 
@@ -120,9 +123,20 @@ class LocalEngine:
         return sum(e for _, _, e in self.inflight.values()) + estimate <= self.budget
 
     def submit(self, task: Task, of: Task | None, estimate: int) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
         self.attempts[task.id] = self.attempts.get(task.id, 0) + 1
-        fut = self.pool.submit(run_task, task, of, self.force)
+        try:
+            fut = self.pool.submit(run_task, task, of, self.force)
+        except BrokenProcessPool:  # a worker died while idle: the pool refuses work until it is replaced
+            self._replace_pool()
+            fut = self.pool.submit(run_task, task, of, self.force)
         self.inflight[fut] = (task, of, estimate)
+
+    def _replace_pool(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.replaced += 1
+        self._new_pool()
 
     def wait(self) -> list[dict[str, Any]]:
         from concurrent.futures import FIRST_COMPLETED
@@ -130,23 +144,22 @@ class LocalEngine:
         from concurrent.futures.process import BrokenProcessPool
 
         done, _ = wait_futures(list(self.inflight), return_when=FIRST_COMPLETED)
-        rows, broken = [], []
+        rows, lost = [], []
         for fut in done:
             task, of, est = self.inflight.pop(fut)
             try:
                 row = fut.result()
             except BrokenProcessPool:
-                broken.append((task, of, est))
+                lost.append((task, of, est))
                 continue
             row["attempt"] = self.attempts[task.id]
             rows.append(row)
-        if broken:
-            # every task of a broken pool is lost with it: those still in flight too
-            broken += list(self.inflight.values())
+        if lost:
+            # a worker died (SIGKILL, out of memory): the pool is broken, and every task still in it is lost too
+            lost += list(self.inflight.values())
             self.inflight.clear()
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self._new_pool()
-            for task, of, est in broken:
+            self._replace_pool()
+            for task, of, est in lost:
                 if self.attempts[task.id] <= self.retries:
                     self.submit(task, of, est)
                 else:
