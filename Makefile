@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests
 
 # make bench                          -> every benchmarks/bench_<subject>.py, figures in BENCHMARKS.md (about 60 min)
 # make bench ONLY="startup convert_load" -> some of them, by subject

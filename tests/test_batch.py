@@ -257,6 +257,8 @@ def test_cli_folder_shortcut_exit_codes_json_and_html(tmp_path, capsys):
     m.mkdir()
     write_ldm_checkpoint(m / "a.safetensors", "sd1.x", "tiny", seed=0)
     args = ["batch", str(m), "--glob", "*.safetensors", "--job", "convert:ldm:fp16", "-o", str(tmp_path / "out")]
+    assert main([*args, "--dry-run"]) == 0  # lists, runs nothing
+    assert "a-ldm-fp16.safetensors" in capsys.readouterr().out and not (tmp_path / "out").exists()
     assert main([*args, "--workers", "1", "--json", "-q"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert (d["done"], d["failed"]) == (1, 0) and Path(d["html"]).is_file()

@@ -53,7 +53,8 @@ def setup_worker(threads: int = 1) -> None:
 
 
 def _die_with_parent() -> None:
-    """A local worker whose batch was killed (SIGKILL: no cleanup) must not go on writing: PR_SET_PDEATHSIG."""
+    """A local worker whose batch was killed (SIGKILL: no cleanup) must not go on writing: PR_SET_PDEATHSIG. Its
+    parent is the engine's fork server, which exits when the batch process does."""
     if not sys.platform.startswith("linux"):
         return
     try:
