@@ -29,6 +29,7 @@ from unetkit.batch.plan import Task
 from unetkit.errors import BackendUnavailable, UnetkitError
 
 ENGINES = ("local", "ray")
+GB = 1 << 30
 #: what the local engine's fork server imports once, for every worker it forks
 PRELOAD = ("unetkit.batch.jobs", "torch", "diffusers", "unetkit.conversion", "unetkit.gguf_export", "unetkit.loading")
 
@@ -36,6 +37,7 @@ PRELOAD = ("unetkit.batch.jobs", "torch", "diffusers", "unetkit.conversion", "un
 class Engine(Protocol):
     name: str
     workers: int
+    notes: list[str]  # what the user should know of how tasks ran (one over the memory budget, a capped request)
 
     def __enter__(self) -> Engine: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -119,12 +121,17 @@ class LocalEngine:
         if len(self.inflight) >= self.workers:
             return False
         if not self.inflight:
-            return True  # alone, even over the budget: the runner notes it
+            return True  # alone, even over the budget (submit notes it)
         return sum(e for _, _, e in self.inflight.values()) + estimate <= self.budget
 
     def submit(self, task: Task, of: Task | None, estimate: int) -> None:
         from concurrent.futures.process import BrokenProcessPool
 
+        if not self.inflight and estimate > self.budget and task.id not in self.attempts:
+            self.notes.append(
+                f"{task.id}: estimated peak {estimate / GB:.1f} GB is over the memory budget "
+                f"({self.budget / GB:.1f} GB); it ran alone"
+            )
         self.attempts[task.id] = self.attempts.get(task.id, 0) + 1
         try:
             fut = self.pool.submit(run_task, task, of, self.force)
@@ -243,6 +250,11 @@ class RayEngine:
     def submit(self, task: Task, of: Task | None, estimate: int) -> None:
         assert self.remote is not None
         memory = min(estimate, self.memory_cap)  # a request over every node's memory would wait for ever
+        if memory < estimate:
+            self.notes.append(
+                f"{task.id}: estimated peak {estimate / GB:.1f} GB is over the cluster's memory; requested "
+                f"{memory / GB:.1f} GB"
+            )
         ref = self.remote.options(num_cpus=1, memory=memory, max_retries=self.retries).remote(task, of, self.force, 1)
         self.inflight[ref] = (task, of)
 

@@ -317,8 +317,8 @@ def expand(where: str, base: Path, patterns: list[str], out_dir: Path, jobs: lis
                     f"quantize job of this plan (its jobs: {known})"
                 )
     notes: list[str] = []
-    plan_inputs = _inputs(where, base, patterns, notes)
-    runs_on = {j.name: plan_inputs if j.inputs is None else _inputs(where, base, list(j.inputs), notes) for j in jobs}
+    plan_inputs = _inputs(base, patterns, notes)
+    runs_on = {j.name: plan_inputs if j.inputs is None else _inputs(base, list(j.inputs), notes) for j in jobs}
     for job in jobs:  # a verify job runs where the job it checks ran
         if job.verb == "verify":
             runs_on[job.name] = [i for i in runs_on[job.name] if i in set(runs_on[job.options["of"]])]
@@ -357,7 +357,7 @@ def expand(where: str, base: Path, patterns: list[str], out_dir: Path, jobs: lis
     )
 
 
-def _inputs(where: str, base: Path, patterns: list[str], notes: list[str]) -> list[str]:
+def _inputs(base: Path, patterns: list[str], notes: list[str]) -> list[str]:
     """Globs, files or folders -> absolute input paths, in pattern order, each once. A model folder (diffusers:
     config.json, model_index.json or unet/) is one input; any other folder stands for its model files."""
     found: list[str] = []

@@ -30,7 +30,6 @@ from unetkit.errors import UnetkitError
 
 #: (work units done, total, the row just finished or None) -> None
 Progress = Callable[[float, float, "dict[str, Any] | None"], None]
-GB = 1 << 30
 
 
 @dataclass
@@ -162,11 +161,6 @@ def run_batch(
                 for i, t in enumerate(ready):
                     est = costs[t.id].memory
                     if eng.can_admit(est):
-                        if engine == "local" and not eng.running() and est > getattr(eng, "budget", est):
-                            notes.append(
-                                f"{t.id}: estimated peak {est / GB:.1f} GB is over the memory budget "
-                                f"({getattr(eng, 'budget', 0) / GB:.1f} GB); it ran alone"
-                            )
                         eng.submit(t, by_id.get(t.depends or ""), est)
                         del ready[i]
                         admitted = True
@@ -174,7 +168,7 @@ def run_batch(
             if eng.running():
                 for row in eng.wait():
                     finish(row)
-        notes += getattr(eng, "notes", [])
+        notes += eng.notes
     return BatchResult(run, engine, eng.workers, rows, plan.ledger, time.perf_counter() - t0, notes)
 
 
@@ -182,21 +176,20 @@ def _examine(plan: Plan) -> tuple[dict[str, Cost], dict[str, str]]:
     """Each input's header, once: task costs, and the inputs that cannot run (path -> error)."""
     from unetkit.resolve import open_unet
 
-    costs: dict[str, Cost] = {}
+    sizes: dict[str, tuple[int, int, int]] = {}  # input -> (parameters, largest tensor, stored bytes)
     bad: dict[str, str] = {}
     for inp in plan.inputs:
-        tasks = [t for t in plan.tasks if t.input == inp]
         try:
-            source = open_unet(inp)
-            entries = list(source.tensors.values())
-            params = sum(e.numel for e in entries)
-            largest = max((e.numel for e in entries), default=0)
-            stored = sum(e.nbytes or e.numel * 2 for e in entries)
+            entries = list(open_unet(inp).tensors.values())
         except UnetkitError as e:
             bad[inp] = str(e)
-            params = largest = stored = 0
-        for t in tasks:
-            costs[t.id] = estimate(t, params, largest, stored) if inp not in bad else Cost(0, 1.0)
+            continue
+        sizes[inp] = (
+            sum(e.numel for e in entries),
+            max((e.numel for e in entries), default=0),
+            sum(e.nbytes or e.numel * 2 for e in entries),
+        )
+    costs = {t.id: estimate(t, *sizes[t.input]) if t.input in sizes else Cost(0, 1.0) for t in plan.tasks}
     return costs, bad
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from unetkit.cli.common import emit_json, table
+from unetkit.cli.common import emit_json, progress_bar, table
 from unetkit.errors import UnetkitError
 
 HELP = "run many jobs over many models (convert, quantize, verify), resumable, locally or on a Ray cluster"
@@ -133,26 +132,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _bar(tasks: int, enabled: bool):
     """Overall progress over the jobs' estimated work (so the ETA weighs a big model's jobs more), on stderr."""
-    bar = None
+    draw, close = progress_bar("batch", enabled, percent=True)
     seen = {"done": 0, "failed": 0}
 
     def progress(done: float, total: float, row) -> None:
-        nonlocal bar
-        if not enabled:
-            return
-        if bar is None:
-            from tqdm import tqdm
-
-            fmt = "{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]"
-            bar = tqdm(total=round(total, 3), desc="batch", bar_format=fmt, file=sys.stderr)
         if row is not None:
             seen["done"] += 1
             seen["failed"] += row["status"] == "failed"
-            bar.set_postfix_str(f"{seen['done']}/{tasks} jobs, {seen['failed']} failed", refresh=False)
-        bar.update(round(done, 3) - bar.n)
-
-    def close() -> None:
-        if bar is not None:
-            bar.close()
+        draw(round(done, 3), round(total, 3), f"{seen['done']}/{tasks} jobs, {seen['failed']} failed")
 
     return progress, close

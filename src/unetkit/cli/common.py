@@ -102,18 +102,20 @@ def settings_from(args: argparse.Namespace) -> Any:
     )
 
 
-def progress_bar(desc: str, enabled: bool):
-    """A (done, total, what) callback drawing a tqdm bar on stderr, and a function closing it."""
+def progress_bar(desc: str, enabled: bool, percent: bool = False):
+    """A (done, total, what) callback drawing a tqdm bar on stderr, and a function closing it. ``percent``: the
+    bar shows the share done and the ETA, not counts (for totals of estimated work, which are not steps)."""
     bar: Any = None
 
-    def progress(done: int, total: int, what: str) -> None:
+    def progress(done: float, total: float, what: str) -> None:
         nonlocal bar
         if not enabled:
             return
         if bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr)
+            fmt = "{l_bar}{bar}| {percentage:3.0f}% [{elapsed}<{remaining}{postfix}]" if percent else None
+            bar = tqdm(total=total, desc=desc, unit="step", bar_format=fmt, file=sys.stderr)
         bar.set_postfix_str(what[-50:], refresh=False)
         bar.update(done - bar.n)
 
