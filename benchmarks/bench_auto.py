@@ -6,6 +6,7 @@ or SDXL (fp16 source, as SDXL fine-tunes ship; seeded random weights).
     python benchmarks/bench_auto.py --size tiny     # the same on a tiny SD1.5 (about 2 minutes; a smoke run)
     python benchmarks/bench_auto.py --table         # the markdown from --json
     python benchmarks/bench_auto.py --only sensitivity retarget   # some sections again, merged into --json
+    python benchmarks/bench_auto.py --family sdxl --only auto --resume   # auto's size points not yet in --json
 
 Rows (each command a fresh `unetkit` process, timed as a whole by benchmarks/common.py's run_command, GNU time for
 the peak RSS):
@@ -65,6 +66,11 @@ def main() -> int:
     ap.add_argument("--targets", type=int, default=8, help="auto size targets (default 8)")
     ap.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "auto")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="auto: keep the size points already recorded in --json (each point is saved as it finishes)",
+    )
     ap.add_argument("--table", action="store_true")
     ap.add_argument(
         "--only",
@@ -128,8 +134,11 @@ def main() -> int:
         lo, hi = int(res["recipes"]["Q2_K"]["file_bytes"] * 1.01), res["recipes"]["Q8_0"]["file_bytes"]
         steps = range(args.targets - 1)
         sizes = sorted({lo + (hi - lo) * k // (args.targets - 2) for k in steps} | {q4["file_bytes"]})
-        res["auto"] = [auto(src, work, env, "--target-size", str(n), args.keep_files) for n in sizes]
-        json_path.write_text(json.dumps(res, indent=1))
+        done = {a["target"]["given"]: a for a in res.get("auto", [])} if args.resume else {}
+        res["auto"] = []
+        for n in sizes:
+            res["auto"].append(done.get(str(n)) or auto(src, work, env, "--target-size", str(n), args.keep_files))
+            json_path.write_text(json.dumps(res, indent=1))
     # 4. auto at Q4_K_M's measured SQNR
     if "auto_sqnr" in only:
         res["auto_sqnr"] = auto(src, work, env, "--target-sqnr", f"{q4['measured_sqnr_db']:.3f}", args.keep_files)

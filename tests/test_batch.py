@@ -284,8 +284,18 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
         write_ldm_checkpoint(m / f"m{i}.safetensors", "sd1.x", "tiny", seed=i)
     jobs = ["--job", "quantize:gguf:Q4_K_M", "--job", "convert:diffusers"]
     cmd = [sys.executable, "-m", "unetkit.cli.app", "-q", "batch", str(m), "--glob", "*.safetensors", *jobs]
-    ref = subprocess.run([*cmd, "-o", str(tmp_path / "ref"), "--workers", "2"], capture_output=True, text=True)
+    # the uninterrupted run: from the Python API, in a script with no ``if __name__ == "__main__":`` guard, which
+    # the workers must not run again
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\nfrom unetkit import run_batch\nfrom unetkit.batch import shortcut_plan\n"
+        "jobs = ['quantize:gguf:Q4_K_M', 'convert:diffusers']\n"
+        "plan = shortcut_plan(sys.argv[1], '*.safetensors', jobs, sys.argv[2])\n"
+        "res = run_batch(plan, workers=2)\nprint(sorted(r['status'] for r in res.rows))\n"
+    )
+    ref = subprocess.run([sys.executable, str(script), str(m), str(tmp_path / "ref")], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
+    assert ref.stdout.split("\n")[-2] == str(["done"] * 8), ref.stdout
     out = tmp_path / "out"
     proc = subprocess.Popen([*cmd, "-o", str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ledger = out / "ledger.jsonl"
@@ -341,6 +351,15 @@ def test_nothing_below_batch_imports_ray_and_the_engine_says_how_to_install_it(t
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert r.returncode == 0, r.stderr
     assert "pip install 'unetkit[ray]'" in r.stdout
+
+
+def test_local_workers_share_the_cores_and_honour_omp_num_threads(monkeypatch):
+    from unetkit.batch.engines import _cores, worker_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert worker_threads(1) == _cores() and worker_threads(2 * _cores()) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert worker_threads(1) == 1
 
 
 def test_a_worker_that_dies_is_replaced_and_its_task_run_again(tmp_path):

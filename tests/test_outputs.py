@@ -78,8 +78,9 @@ SLOW_CONVERT = """
 import sys, time
 import unetkit.formats.safetensors_io as sio
 real = sio._write_tensor
+delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
 def slow(*a, **k):
-    time.sleep(0.05)
+    time.sleep(delay)
     return real(*a, **k)
 sio._write_tensor = slow
 from unetkit.conversion import convert
@@ -198,7 +199,8 @@ def test_two_concurrent_writers_to_one_output_leave_one_whole_file(src, tmp_path
     script = SLOW_CONVERT.replace('dtype="fp16")', 'dtype="fp16", force=True)')
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(script), str(src), str(out)],
+            # 10 ms a tensor: about 7 s a write, which is overlap enough for two that start together
+            [sys.executable, "-c", textwrap.dedent(script), str(src), str(out), "0.01"],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,

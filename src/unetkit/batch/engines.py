@@ -5,14 +5,13 @@ estimated peak memory), and hands back ledger rows as tasks finish (``wait``). T
 (:mod:`unetkit.batch.runner`) owns the order, the dependencies and the ledger; the engine owns processes.
 
 - ``local`` (default): a pool of worker processes, one per core unless told, running task after task. They come
-  from a fork server that has imported torch, diffusers and the verbs once, so each starts warm. Not ``spawn``: it
-  re-imports the caller's ``__main__``, which breaks scripts without an ``if __name__ == "__main__"`` guard (the
-  fork server is told not to). Not a plain ``fork`` of this process either: a process with threads (a test
-  runner's, a progress bar's) can fork a child that deadlocks on a lock another thread held, and under
-  pytest-xdist one did. A task is admitted only when
-  its estimated peak fits the memory budget left by the tasks running (default: 90 % of the memory available when
-  the batch starts); one that fits no budget runs alone. A worker that dies (SIGKILL, out of memory) breaks the
-  pool: the tasks it held run again once in a new pool, then fail with the cause.
+  from a fork server that has imported torch, diffusers' UNet and the verbs once, so each starts warm. Not
+  ``spawn``: it starts a fresh interpreter for each worker. Not a plain ``fork`` of this process either: a process
+  with threads (a test runner's, a progress bar's) can fork a child that deadlocks on a lock another thread held,
+  and under pytest-xdist one did. A task is admitted only when its estimated peak fits the memory budget left by
+  the tasks running (default: 90 % of the memory available when the batch starts); one that fits no budget runs
+  alone. A worker that dies (SIGKILL, out of memory) breaks the pool: the tasks it held run again once in a new
+  pool, then fail with the cause.
 - ``ray``: each task a Ray task with its resource requests (1 CPU, its estimated memory) and ``max_retries`` for
   workers that die. With no address a local Ray instance is started (and stopped at the end); ``auto`` or
   ``ray://host:port`` joins a cluster, whose nodes must all see the inputs and the output folder at the same paths.
@@ -21,7 +20,11 @@ estimated peak memory), and hands back ledger rows as tasks finish (``wait``). T
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import types
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from unetkit.batch.jobs import new_row, run_task, setup_worker
@@ -31,7 +34,15 @@ from unetkit.errors import BackendUnavailable, UnetkitError
 ENGINES = ("local", "ray")
 GB = 1 << 30
 #: what the local engine's fork server imports once, for every worker it forks
-PRELOAD = ("unetkit.batch.jobs", "torch", "diffusers", "unetkit.conversion", "unetkit.gguf_export", "unetkit.loading")
+PRELOAD = (
+    "unetkit.batch.jobs",
+    "torch",
+    "diffusers.models.unets.unet_2d_condition",  # ``import diffusers`` alone is lazy: 5 s more in every worker
+    "unetkit.conversion",
+    "unetkit.gguf_export",
+    "unetkit.loading",
+    "unetkit.verification.compare",
+)
 
 
 class Engine(Protocol):
@@ -79,12 +90,21 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def worker_threads(workers: int) -> int:
+    """torch threads per local worker: the cores shared out, and never more than ``OMP_NUM_THREADS`` where the user
+    set it. More threads than cores is far worse than slow: OpenMP threads spin against each other (a tiny UNet's
+    forward measured 6 s with two threads on a busy 2-core machine, 0.1 s with one)."""
+    n = max(1, _cores() // workers)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return min(n, int(omp)) if omp.isdigit() and int(omp) > 0 else n
+
+
 class LocalEngine:
     name = "local"
 
     def __init__(self, workers: int | None = None, memory: int | None = None, force: bool = False, retries: int = 1):
         self.workers = max(1, workers or _cores())
-        self.threads = max(1, _cores() // self.workers)
+        self.threads = worker_threads(self.workers)
         self.budget = memory if memory is not None else int(0.9 * available_memory())
         self.force, self.retries = force, retries
         self.pool: Any = None
@@ -106,13 +126,15 @@ class LocalEngine:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(list(PRELOAD))  # not "__main__" (see the module docstring)
+        ctx.set_forkserver_preload(list(PRELOAD))
         self.pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=setup_worker, initargs=(self.threads,)
         )
-        # start every worker now, so that the first tasks do not wait for the fork server
-        for f in [self.pool.submit(_ready) for _ in range(self.workers)]:
-            f.result()
+        # start every worker now, so that the first tasks do not wait for the fork server; the pool starts no other
+        # (a broken one is replaced here)
+        with _main_not_rerun():
+            for f in [self.pool.submit(_ready) for _ in range(self.workers)]:
+                f.result()
 
     def running(self) -> int:
         return len(self.inflight)
@@ -176,6 +198,21 @@ class LocalEngine:
 
 def _ready() -> int:
     return os.getpid()
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """multiprocessing runs the caller's main script again in every new worker (forkserver, like spawn): a script
+    without an ``if __name__ == "__main__":`` guard that calls ``run_batch`` would start a batch in each worker,
+    and the pool would break. Workers run unetkit's own functions only, so while they start, ``__main__`` is
+    shown to them as an empty module."""
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def worker_died_row(task: Task, attempts: int) -> dict[str, Any]:
