@@ -280,7 +280,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     root = tmp_path / "cat"
     m = root / "models"
     m.mkdir(parents=True)
-    for i in range(4):
+    for i in range(3):
         write_ldm_checkpoint(m / f"m{i}.safetensors", "sd1.x", "tiny", seed=i)
     jobs = ["--job", "quantize:gguf:Q4_K_M", "--job", "convert:diffusers"]
     cmd = [sys.executable, "-m", "unetkit.cli.app", "-q", "batch", str(m), "--glob", "*.safetensors", *jobs]
@@ -295,7 +295,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     )
     ref = subprocess.run([sys.executable, str(script), str(m), str(tmp_path / "ref")], capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr
-    assert ref.stdout.split("\n")[-2] == str(["done"] * 8), ref.stdout
+    assert ref.stdout.split("\n")[-2] == str(["done"] * 6), ref.stdout
     out = tmp_path / "out"
     proc = subprocess.Popen([*cmd, "-o", str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ledger = out / "ledger.jsonl"
@@ -305,14 +305,14 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = read_ledger(ledger)
-    assert 2 <= len(before) < 8, "the kill came too late to test resumption"
+    assert 2 <= len(before) < 6, "the kill came too late to test resumption"
     time.sleep(0.5)  # the workers die with the batch (PR_SET_PDEATHSIG)
     again = subprocess.run([*cmd, "-o", str(out), "--workers", "2"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     rows = read_ledger(ledger)
     first = {r["id"] for r in rows if r["run"] == rows[0]["run"] and r["status"] == "done"}
     second = [r for r in rows if r["run"] != rows[0]["run"]]
-    assert len(second) == 8 and all(r["status"] in ("done", "skipped") for r in second)
+    assert len(second) == 6 and all(r["status"] in ("done", "skipped") for r in second)
     assert not any(r["status"] == "done" and r["id"] in first for r in second), "a finished job ran again"
     assert no_temp_files(out)
     for f in sorted((tmp_path / "ref").rglob("*")):

@@ -112,6 +112,7 @@ class LocalEngine:
         self.attempts: dict[str, int] = {}
         self.replaced = 0  # pools replaced after a worker died
         self.notes: list[str] = []
+        _start_fork_server()
 
     def __enter__(self) -> LocalEngine:
         self._new_pool()
@@ -126,7 +127,6 @@ class LocalEngine:
         from concurrent.futures import ProcessPoolExecutor
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(list(PRELOAD))
         self.pool = ProcessPoolExecutor(
             self.workers, mp_context=ctx, initializer=setup_worker, initargs=(self.threads,)
         )
@@ -194,6 +194,16 @@ class LocalEngine:
                 else:
                     rows.append(worker_died_row(task, self.attempts[task.id]))
         return rows
+
+
+def _start_fork_server() -> None:
+    """Start the fork server now: it imports PRELOAD (seconds) while the batch reads its inputs' headers; the first
+    worker waits only for what is left. One per process, reused by every pool after."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+    forkserver.ensure_running()
 
 
 def _ready() -> int:

@@ -113,6 +113,7 @@ def run_batch(
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     for task in plan.tasks:
         collect_stale(Path(task.output))
+    eng = make_engine(engine, workers=workers, memory=memory, address=address, force=force)  # starts warming up
     costs, bad = _examine(plan)
     by_id = {t.id: t for t in plan.tasks}
     dependents: dict[str, list[Task]] = {}
@@ -143,7 +144,6 @@ def run_batch(
 
     ready: list[Task] = []
     finished: set[str] = set()
-    eng = make_engine(engine, workers=workers, memory=memory, address=address, force=force)
     with ledger, eng:
         if progress:
             progress(0.0, total, None)
