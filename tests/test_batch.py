@@ -282,31 +282,34 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     m.mkdir(parents=True)
     for i in range(3):
         write_ldm_checkpoint(m / f"m{i}.safetensors", "sd1.x", "tiny", seed=i)
-    jobs = ["--job", "quantize:gguf:Q4_K_M", "--job", "convert:diffusers"]
-    cmd = [sys.executable, "-m", "unetkit.cli.app", "-q", "batch", str(m), "--glob", "*.safetensors", *jobs]
-    # the uninterrupted run: from the Python API, in a script with no ``if __name__ == "__main__":`` guard, which
-    # the workers must not run again
+    specs = ["quantize:gguf:Q4_K_M", "convert:diffusers"]
+    ref = run_batch(shortcut_plan(m, "*.safetensors", specs, tmp_path / "ref"), workers=2)  # uninterrupted
+    assert [r["status"] for r in ref.rows] == ["done"] * 6
+    # the run that is killed: the Python API in a script with no ``if __name__ == "__main__":`` guard, which the
+    # workers must not run again (they did once, and broke the pool: its rows would not be "done")
+    out = tmp_path / "out"
     script = tmp_path / "unguarded.py"
     script.write_text(
         "import sys\nfrom unetkit import run_batch\nfrom unetkit.batch import shortcut_plan\n"
-        "jobs = ['quantize:gguf:Q4_K_M', 'convert:diffusers']\n"
-        "plan = shortcut_plan(sys.argv[1], '*.safetensors', jobs, sys.argv[2])\n"
-        "res = run_batch(plan, workers=2)\nprint(sorted(r['status'] for r in res.rows))\n"
+        f"run_batch(shortcut_plan(sys.argv[1], '*.safetensors', {specs!r}, sys.argv[2]), workers=2)\n"
     )
-    ref = subprocess.run([sys.executable, str(script), str(m), str(tmp_path / "ref")], capture_output=True, text=True)
-    assert ref.returncode == 0, ref.stderr
-    assert ref.stdout.split("\n")[-2] == str(["done"] * 6), ref.stdout
-    out = tmp_path / "out"
-    proc = subprocess.Popen([*cmd, "-o", str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = tmp_path / "killed.stderr"
+    with err.open("w") as f:
+        proc = subprocess.Popen([sys.executable, str(script), str(m), str(out)], stderr=f)
     ledger = out / "ledger.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not ledger.exists() or len(ledger.read_text().splitlines()) < 2):
+        assert proc.poll() is None, err.read_text()[-3000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = read_ledger(ledger)
     assert 2 <= len(before) < 6, "the kill came too late to test resumption"
+    assert all(r["status"] == "done" for r in before), before
     time.sleep(0.5)  # the workers die with the batch (PR_SET_PDEATHSIG)
+    # resumed from the command line, as a user would
+    cmd = [sys.executable, "-m", "unetkit.cli.app", "-q", "batch", str(m), "--glob", "*.safetensors"]
+    cmd += [x for spec in specs for x in ("--job", spec)]
     again = subprocess.run([*cmd, "-o", str(out), "--workers", "2"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     rows = read_ledger(ledger)

@@ -52,6 +52,8 @@ VARIANTS = ["sd1.x", "sd1.x-lcm", "sdxl", "sdxl-refiner", "sdxl-inpainting"]
 #: quanto: the last four) without the whole 7 x 5 product, which doubled the file's time for no new path: which
 #: layers stay float is the variant's policy, the same for every method of a backend
 CASES = [(m, VARIANTS[v]) for i, m in enumerate(SQNR_MIN) for v in (i % 5, (i + 3) % 5)]
+#: the cases reloaded in a fresh process: each method's first (the reload path is the method's, not the variant's)
+RELOADED = {m: v for m, v in reversed(CASES)}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,8 @@ def cases(tmp_path_factory):
             got = forward(unet, args)
             unetkit.save_quantized(unet, case)
             torch.save(args, f"{case}.args.pt")
-            jobs.append([str(case), f"{case}.args.pt", f"{case}.out.pt"])
+            if RELOADED[method] == variant:
+                jobs.append([str(case), f"{case}.args.pt", f"{case}.out.pt"])
             results[method, variant] = dict(report=report, ref=ref, got=got, folder=case, params=n_params)
         except Exception as e:
             results[method, variant] = e
@@ -127,9 +130,10 @@ def test_method_quantizes_convs_and_reloads_bit_exact(method, variant, cases):
     assert manifest["method"] == method and manifest["versions"]["torch"] == torch.__version__
     assert len(manifest["report"]["decisions"]) == len(report.decisions)
     out = Path(f"{folder}.out.pt")
-    assert out.is_file(), proc.stderr[-3000:]
-    again = torch.load(out)
-    assert torch.equal(again, case["got"]), compare(case["got"], again)
+    if RELOADED[method] == variant:  # reloaded in a fresh process: bit for bit the output before saving
+        assert out.is_file(), proc.stderr[-3000:]
+        again = torch.load(out)
+        assert torch.equal(again, case["got"]), compare(case["got"], again)
 
 
 def test_reload_in_process_keeps_report_and_refuses_requantize(tmp_path):
