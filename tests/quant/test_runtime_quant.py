@@ -58,8 +58,9 @@ RELOADED = {m: v for m, v in reversed(CASES)}
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
-    """Every case (method, variant): quantized, run and saved here; then all reloaded in ONE fresh process (one
-    interpreter start instead of fourteen keeps the file fast). Failures are kept and re-raised per case."""
+    """Every case (method, variant): quantized, run and saved here; then each method's reloaded case (RELOADED)
+    loaded in ONE fresh process (one interpreter start, not seven, keeps the file fast). Failures are kept and
+    re-raised per case."""
     root = tmp_path_factory.mktemp("runtime-quant")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

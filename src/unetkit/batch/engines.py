@@ -223,6 +223,8 @@ def _main_not_rerun() -> Iterator[None]:
     finally:
         if saved is not None:
             sys.modules["__main__"] = saved
+        else:
+            del sys.modules["__main__"]
 
 
 def worker_died_row(task: Task, attempts: int) -> dict[str, Any]:
