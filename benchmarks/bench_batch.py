@@ -32,18 +32,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import PY, ROOT, machine, markdown, run_command, write_random_ldm
 
 JOBS = [("convert", "diffusers"), ("quantize", "gguf:Q8_0"), ("quantize", "gguf:Q4_K_M")]
-PLAN = """inputs = ["models/*.safetensors"]
-output_dir = "OUT"
-[[jobs]]
-verb = "convert"
-to = "diffusers"
-[[jobs]]
-verb = "quantize"
-method = "gguf:Q8_0"
-[[jobs]]
-verb = "quantize"
-method = "gguf:Q4_K_M"
-"""
+
+
+def plan_toml(output_dir: str) -> str:
+    """The batch plan of JOBS over models/ (the same jobs as the shell loop)."""
+    lines = ['inputs = ["models/*.safetensors"]', f'output_dir = "{output_dir}"']
+    for verb, arg in JOBS:
+        lines += ["[[jobs]]", f'verb = "{verb}"', f'{"to" if verb == "convert" else "method"} = "{arg}"']
+    return "\n".join(lines) + "\n"
 
 
 def catalog(work: Path, n: int, width: float) -> list[Path]:
@@ -113,7 +109,7 @@ def main() -> int:
             rec = run_command(["bash", str(script)], env=env)
         else:
             plan = work / f"plan_{row}.toml"
-            plan.write_text(PLAN.replace("OUT", out.name))
+            plan.write_text(plan_toml(out.name))
             stdout = work / f"result_{row}.json"
             cmd = [PY, "-m", "unetkit.cli.app", "-q", "batch", str(plan), "--json", "--engine", row, "--workers", "2"]
             rec = run_command(cmd, env=env, stdout=stdout)
